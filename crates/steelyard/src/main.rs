@@ -1,0 +1,2 @@
+//! The `steelyard` binary.
+fn main() {}
