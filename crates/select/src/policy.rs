@@ -85,7 +85,7 @@ impl Default for Weights {
     fn default() -> Self {
         Self {
             rtt_per_ms: 1.0,
-            per_hop: 2.0,
+            per_hop: 1.0,
             loss: 2000.0,
             bandwidth: 10.0,
             bandwidth_reference_kbps: 10_000,

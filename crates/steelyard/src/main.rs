@@ -1,2 +1,33 @@
-//! The `steelyard` binary.
-fn main() {}
+//! `steelyard`: one thin binary with a subcommand per role. Each subcommand parses its flags and
+//! hands over to a library crate; no logic lives here beyond wiring and printing.
+
+mod demo;
+mod relay;
+mod scenario;
+
+use clap::{Parser, Subcommand};
+
+/// Steelyard: picks, for every new connection, the relay that should carry it, from the relays'
+/// workload and the quality of the paths that lead to them.
+#[derive(Debug, Parser)]
+#[command(name = "steelyard", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the selection engine on a scenario (the built-in one by default) and explain every
+    /// decision: the winner, every candidate's inputs and score parts, and what was left out.
+    Demo(demo::DemoArgs),
+    /// Run a relay: pair brokered sessions by ticket and forward their traffic.
+    Relay(relay::RelayArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Demo(args) => demo::run(args),
+        Command::Relay(args) => relay::run(args),
+    }
+}
