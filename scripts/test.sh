@@ -22,6 +22,12 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== sans-I/O cores depend on no I/O crate"
+for core in steelyard-proto steelyard-select; do
+  if io=$(cargo tree --locked -p "$core" -e normal --prefix none | grep -E '^(tokio|mio|socket2|hyper|async-std|smol|reqwest|axum)[ @]'); then
+    echo "$core must stay sans-I/O but depends on: $io" >&2; exit 1
+  fi
+done
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
