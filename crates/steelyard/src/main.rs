@@ -1,6 +1,7 @@
 //! `steelyard`: one thin binary with a subcommand per role. Each subcommand parses its flags and
 //! hands over to a library crate; no logic lives here beyond wiring and printing.
 
+mod broker;
 mod demo;
 mod relay;
 mod scenario;
@@ -21,6 +22,8 @@ enum Command {
     /// Run the selection engine on a scenario (the built-in one by default) and explain every
     /// decision: the winner, every candidate's inputs and score parts, and what was left out.
     Demo(demo::DemoArgs),
+    /// Run the broker: registry, reports, connection brokering with signed tickets.
+    Broker(broker::BrokerArgs),
     /// Run a relay: pair brokered sessions by ticket and forward their traffic.
     Relay(relay::RelayArgs),
 }
@@ -28,6 +31,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
+        Command::Broker(args) => broker::run(args),
         Command::Relay(args) => relay::run(args),
     }
 }
