@@ -259,7 +259,10 @@ fn burst_spreads_in_proportion_to_capacity_without_herding() {
         .collect();
     let mean = per_capacity.iter().sum::<f64>() / 5.0;
     let max = per_capacity.iter().cloned().fold(0.0, f64::max);
-    eprintln!("sessions per relay {counts:?}, max/mean per capacity {:.3}", max / mean);
+    eprintln!(
+        "sessions per relay {counts:?}, max/mean per capacity {:.3}",
+        max / mean
+    );
     assert!(
         max / mean <= 1.2,
         "counts {counts:?}, max/mean {}",

@@ -1,0 +1,343 @@
+//! The relay's configuration: a TOML file, with every section optional except the relay's
+//! identity and the broker keys it trusts. Unknown keys are an error.
+//!
+//! This module parses and checks; it does not read flags or the environment (the binary
+//! applies those as overrides on a parsed [`RelayConfig`] and then calls
+//! [`RelayConfig::validate`]).
+//!
+//! ```toml
+//! relay_id = "relay-eu-1"
+//! broker_keys = ["<64 hex digits: the broker's Ed25519 public key>"]
+//!
+//! [listen]
+//! tcp = "0.0.0.0:7400"      # relayed TCP sessions
+//! udp = "0.0.0.0:7401"      # relayed UDP sessions (omit to disable)
+//! probe = "0.0.0.0:7402"    # probe echo and bandwidth burst (omit to disable)
+//! http = "127.0.0.1:7480"   # GET /status (JSON) and GET /metrics (Prometheus); omit to disable
+//!
+//! [capacity]
+//! max_sessions = 10000
+//! max_bandwidth_bytes_per_sec = 0   # 0 = unlimited; total over all TCP sessions
+//!
+//! [location]
+//! lat = 50.1
+//! lon = 8.7
+//! region = "eu-central"
+//! ```
+//!
+//! See [`Limits`], [`ProbeConfig`] and [`DrainConfig`] for the remaining sections.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use steelyard_proto::ticket::is_valid_id;
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read relay config {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The TOML is invalid or has unknown keys.
+    #[error("invalid relay config: {0}")]
+    Parse(#[from] toml::de::Error),
+    /// A value breaks a rule.
+    #[error("invalid relay config: {field}: {reason}")]
+    Invalid {
+        /// The offending key.
+        field: &'static str,
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
+}
+
+/// The whole relay configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// This relay's id, as the broker writes it into tickets (1–64 of `[A-Za-z0-9._-]`).
+    #[serde(default)]
+    pub relay_id: String,
+    /// The broker's Ed25519 public keys, 64 hex digits each; several during key rotation.
+    #[serde(default)]
+    pub broker_keys: Vec<String>,
+    /// Where to listen.
+    #[serde(default)]
+    pub listen: Listen,
+    /// What the relay may carry.
+    #[serde(default)]
+    pub capacity: Capacity,
+    /// Where the relay is, for the broker.
+    #[serde(default)]
+    pub location: Location,
+    /// Limits and timeouts.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Probe responder settings.
+    #[serde(default)]
+    pub probe: ProbeConfig,
+    /// Graceful drain settings.
+    #[serde(default)]
+    pub drain: DrainConfig,
+}
+
+/// Listen addresses. Port 0 picks a free port (see the relay's bound addresses).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// TCP sessions.
+    pub tcp: SocketAddr,
+    /// UDP sessions; `None` disables them.
+    #[serde(default)]
+    pub udp: Option<SocketAddr>,
+    /// Probe responder; `None` disables it.
+    #[serde(default)]
+    pub probe: Option<SocketAddr>,
+    /// `/status` and `/metrics`; `None` disables them.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            tcp: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            udp: None,
+            probe: None,
+            http: None,
+        }
+    }
+}
+
+/// Capacity the relay announces and enforces.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Capacity {
+    /// Most sessions (TCP paired + TCP waiting + UDP) at once; beyond it hellos get `full`.
+    pub max_sessions: u32,
+    /// Most bytes per second over all TCP sessions together; 0 = unlimited.
+    pub max_bandwidth_bytes_per_sec: u64,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            max_sessions: 10_000,
+            max_bandwidth_bytes_per_sec: 0,
+        }
+    }
+}
+
+/// Where the relay is.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Location {
+    /// Latitude in degrees.
+    pub lat: Option<f64>,
+    /// Longitude in degrees.
+    pub lon: Option<f64>,
+    /// Region name.
+    pub region: Option<String>,
+}
+
+/// Limits on what any client, including a stranger, can make the relay hold, and timeouts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Most TCP connections open at once (handshaking, waiting and paired); more are answered
+    /// `full` and closed.
+    pub max_connections: u32,
+    /// Most TCP connections from one IP address that have not yet sent a full hello.
+    pub max_handshakes_per_ip: u32,
+    /// Most first sides waiting for their partner, in total.
+    pub max_pending_total: u32,
+    /// Most first sides waiting for their partner from one IP address.
+    pub max_pending_per_ip: u32,
+    /// Time a client has to send its whole hello, in milliseconds.
+    pub hello_timeout_ms: u64,
+    /// Time a first side waits for its partner, in milliseconds.
+    pub pair_timeout_ms: u64,
+    /// Idle timeout of a TCP session when its ticket sets none, in seconds.
+    pub idle_timeout_secs: u32,
+    /// Idle timeout of a UDP session (and of a half-bound one), in seconds.
+    pub udp_idle_timeout_secs: u32,
+    /// Clock skew allowed between broker and relay, in seconds.
+    pub max_clock_skew_secs: u64,
+    /// Most used tickets remembered for replay protection; when full, new tickets are refused
+    /// (`full`) rather than forgotten early.
+    pub max_remembered_tickets: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 16_384,
+            max_handshakes_per_ip: 64,
+            max_pending_total: 4_096,
+            max_pending_per_ip: 32,
+            hello_timeout_ms: 5_000,
+            pair_timeout_ms: 30_000,
+            idle_timeout_secs: 300,
+            udp_idle_timeout_secs: 60,
+            max_clock_skew_secs: 30,
+            max_remembered_tickets: 1_000_000,
+        }
+    }
+}
+
+/// Probe responder settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProbeConfig {
+    /// Most packets in one bandwidth burst.
+    pub burst_max_packets: u16,
+    /// Bytes per second all bursts together may send.
+    pub burst_bytes_per_sec: u64,
+}
+
+impl Default for ProbeConfig {
+    fn default() -> Self {
+        Self {
+            burst_max_packets: 64,
+            burst_bytes_per_sec: 2_000_000,
+        }
+    }
+}
+
+/// Graceful drain settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DrainConfig {
+    /// After a drain starts, live sessions get this long to finish before they are cut.
+    pub grace_secs: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self { grace_secs: 30 }
+    }
+}
+
+impl RelayConfig {
+    /// Parses TOML text. Does not [`validate`](Self::validate): overrides may follow.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Ok(toml::from_str(text)?)
+    }
+
+    /// Reads and parses a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    /// Checks the rules and returns the parsed broker keys.
+    pub fn validate(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.to_owned(),
+        };
+        if !is_valid_id(&self.relay_id) {
+            return Err(invalid(
+                "relay_id",
+                "required: 1 to 64 bytes of A-Z a-z 0-9 . _ - (the id the broker puts in tickets)",
+            ));
+        }
+        if self.broker_keys.is_empty() {
+            return Err(invalid(
+                "broker_keys",
+                "required: at least one broker Ed25519 public key (64 hex digits); without one \
+                 the relay would refuse every ticket",
+            ));
+        }
+        let keys = self
+            .broker_keys
+            .iter()
+            .map(|k| parse_public_key(k))
+            .collect::<Result<Vec<_>, _>>()?;
+        let l = &self.limits;
+        for (field, v) in [
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_handshakes_per_ip", l.max_handshakes_per_ip),
+            ("limits.max_pending_total", l.max_pending_total),
+            ("limits.max_pending_per_ip", l.max_pending_per_ip),
+            ("limits.idle_timeout_secs", l.idle_timeout_secs),
+            ("limits.udp_idle_timeout_secs", l.udp_idle_timeout_secs),
+            ("limits.max_remembered_tickets", l.max_remembered_tickets),
+            ("capacity.max_sessions", self.capacity.max_sessions),
+        ] {
+            if v == 0 {
+                return Err(invalid(field, "must be at least 1"));
+            }
+        }
+        if l.hello_timeout_ms == 0 || l.pair_timeout_ms == 0 {
+            return Err(invalid(
+                "limits.hello_timeout_ms / pair_timeout_ms",
+                "must be at least 1",
+            ));
+        }
+        Ok(keys)
+    }
+}
+
+/// Parses a broker public key from 64 hex digits.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, ConfigError> {
+    let bytes: [u8; 32] =
+        steelyard_proto::hex::decode(text.trim()).map_err(|e| ConfigError::Invalid {
+            field: "broker_keys",
+            reason: format!("{e}"),
+        })?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| ConfigError::Invalid {
+        field: "broker_keys",
+        reason: "not a valid Ed25519 public key".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    #[test]
+    fn minimal_and_full() {
+        let c = RelayConfig::from_toml(&format!("relay_id = \"r1\"\nbroker_keys = [\"{KEY}\"]\n"))
+            .unwrap();
+        assert_eq!(c.validate().unwrap().len(), 1);
+        assert_eq!(c.limits.max_pending_per_ip, 32);
+        let c = RelayConfig::from_toml(&format!(
+            "relay_id = \"r1\"\nbroker_keys = [\"{KEY}\"]\n[listen]\ntcp = \"127.0.0.1:0\"\n\
+             udp = \"127.0.0.1:0\"\n[limits]\npair_timeout_ms = 5\n[location]\nregion = \"eu\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.limits.pair_timeout_ms, 5);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let e = RelayConfig::from_toml("relay_id = \"r\"\nbogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = RelayConfig::from_toml("[limits]\nmax_conections = 1\n").unwrap_err();
+        assert!(e.to_string().contains("max_conections"), "{e}");
+        let c = RelayConfig::from_toml("relay_id = \"r\"\n").unwrap();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("broker_keys"));
+        let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"a b\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("relay_id"));
+        let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"ab\"").unwrap();
+        assert!(c.validate().unwrap_err().to_string().contains("hex"));
+    }
+}

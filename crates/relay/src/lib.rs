@@ -1,0 +1,34 @@
+//! Steelyard relay: the data plane that pairs the two sides of a brokered session by their
+//! tickets and forwards their traffic.
+//!
+//! * TCP: each side connects, sends a hello carrying its ticket ([`wire`]), and once both are
+//!   there the two connections are spliced together zero-copy ([`splice`]), with half-close,
+//!   idle timeout and the ticket's byte limits.
+//! * UDP: datagrams carry a session header; the first from each side carries its ticket; the
+//!   relay forwards only between the two addresses that bound ([`udp_core`]).
+//! * Probes: an echo responder (sequence, timestamps, observed TTL, load hint; never larger
+//!   than the request) and a cookie-gated, rate-limited bandwidth burst ([`probe`]).
+//! * `/status` (JSON load report) and `/metrics` (Prometheus) ([`metrics`]), graceful drain.
+//!
+//! The decisions live in sans-I/O cores that take inputs and `now` and are unit-tested without
+//! sockets: [`pairing`] (tickets, replay, waiting sides, capacity), [`udp_core`], [`probe`],
+//! [`limit`]. The I/O layer ([`server`]) is tokio and Linux-specific (`splice(2)`,
+//! `IP_RECVTTL`).
+//!
+//! What it does **not** do: talk to the broker (load is reported on its own `/status` until the
+//! broker's WebSocket exists), parse command lines, or install signal handlers (the `steelyard`
+//! binary does; see [`RelayHandle::drain`]).
+
+pub mod client;
+pub mod config;
+pub mod limit;
+pub mod metrics;
+pub mod pairing;
+pub mod probe;
+pub mod server;
+pub mod splice;
+pub mod udp_core;
+pub mod wire;
+
+pub use config::RelayConfig;
+pub use server::{BoundAddrs, Relay, RelayError, RelayHandle};

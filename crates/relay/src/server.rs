@@ -1,0 +1,767 @@
+//! The relay's I/O layer (tokio): binds the sockets, runs the TCP accept loop and per-connection
+//! tasks, the UDP forwarding loop, the probe responder, the `/status` + `/metrics` HTTP server
+//! and the once-a-second sampler, and drains gracefully.
+//!
+//! All decisions are made by the sans-I/O cores ([`Pairing`], [`UdpCore`], [`ProbeResponder`]);
+//! this module moves bytes, keeps time and enforces connection-level limits (connections in
+//! total, handshaking connections per IP, hello deadline).
+//!
+//! UDP uses plain `recv_from`/`send_to` (drained in a loop per readiness event), not yet
+//! `recvmmsg`/`sendmmsg`. Probe TTL is read with `IP_RECVTTL` on IPv4 only; IPv6 replies report
+//! TTL 0 (unknown).
+
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrStorage,
+};
+use steelyard_proto::ticket::{Side, Ticket, TicketVerifier};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use crate::config::RelayConfig;
+use crate::limit::TokenBucket;
+use crate::metrics::Metrics;
+use crate::pairing::{HelloOutcome, Pairing, PairingConfig};
+use crate::probe::{ProbeAction, ProbeResponder};
+use crate::splice::{self, DirLimits, End, SharedBucket, SpliceSession};
+use crate::udp_core::{UdpAction, UdpCore, UdpCoreConfig};
+use crate::wire::{self, StatusCode, HELLO_HEADER_LEN};
+
+/// Why the relay could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A socket could not be bound.
+    #[error("cannot listen on {what} {addr}: {source} (is another process using the port?)")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Another I/O error.
+    #[error("relay I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// The addresses the relay actually listens on (ports resolved when the config said 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// TCP sessions.
+    pub tcp: SocketAddr,
+    /// UDP sessions.
+    pub udp: Option<SocketAddr>,
+    /// Probe responder.
+    pub probe: Option<SocketAddr>,
+    /// HTTP `/status` and `/metrics`.
+    pub http: Option<SocketAddr>,
+}
+
+struct Partner {
+    stream: TcpStream,
+    ticket: Ticket,
+}
+
+type Waiter = oneshot::Sender<Partner>;
+
+struct Shared {
+    cfg: RelayConfig,
+    metrics: Arc<Metrics>,
+    pairing: Mutex<Pairing<Waiter>>,
+    handshakes: Mutex<HashMap<IpAddr, u32>>,
+    global_bw: Option<SharedBucket>,
+    cut: watch::Receiver<bool>,
+}
+
+/// Controls a running relay from outside: start a drain, read metrics.
+#[derive(Clone)]
+pub struct RelayHandle {
+    drain: Arc<watch::Sender<bool>>,
+    metrics: Arc<Metrics>,
+}
+
+impl RelayHandle {
+    /// Starts a graceful drain: stop taking sessions, let live ones finish within the grace
+    /// period, then [`Relay::run`] returns.
+    pub fn drain(&self) {
+        let _ = self.drain.send(true);
+    }
+
+    /// The relay's counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+/// A bound, not yet running relay.
+pub struct Relay {
+    shared: Arc<Shared>,
+    tcp: TcpListener,
+    udp: Option<UdpSocket>,
+    probe: Option<UdpSocket>,
+    http: Option<TcpListener>,
+    verifier: TicketVerifier,
+    drain_tx: Arc<watch::Sender<bool>>,
+    cut_tx: watch::Sender<bool>,
+    addrs: BoundAddrs,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+impl Relay {
+    /// Validates `cfg` and binds every configured socket. Must be called inside a tokio runtime.
+    pub async fn bind(cfg: RelayConfig) -> Result<Self, RelayError> {
+        let keys = cfg.validate()?;
+        let verifier =
+            TicketVerifier::new(keys).with_max_clock_skew(cfg.limits.max_clock_skew_secs);
+        let bind_err = |what, addr| move |source| RelayError::Bind { what, addr, source };
+        let tcp = TcpListener::bind(cfg.listen.tcp)
+            .await
+            .map_err(bind_err("tcp", cfg.listen.tcp))?;
+        let udp = match cfg.listen.udp {
+            Some(a) => Some(UdpSocket::bind(a).await.map_err(bind_err("udp", a))?),
+            None => None,
+        };
+        let probe = match cfg.listen.probe {
+            Some(a) => {
+                let s = UdpSocket::bind(a).await.map_err(bind_err("probe", a))?;
+                if a.is_ipv4() {
+                    if let Err(e) = setsockopt(&s, sockopt::Ipv4RecvTtl, &true) {
+                        warn!("IP_RECVTTL unavailable, probe replies report TTL 0: {e}");
+                    }
+                }
+                Some(s)
+            }
+            None => None,
+        };
+        let http = match cfg.listen.http {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(bind_err("http", a))?),
+            None => None,
+        };
+        let addrs = BoundAddrs {
+            tcp: tcp.local_addr()?,
+            udp: udp.as_ref().map(UdpSocket::local_addr).transpose()?,
+            probe: probe.as_ref().map(UdpSocket::local_addr).transpose()?,
+            http: http.as_ref().map(TcpListener::local_addr).transpose()?,
+        };
+        let pairing = Pairing::new(
+            verifier.clone(),
+            PairingConfig {
+                relay_id: cfg.relay_id.clone(),
+                max_sessions: cfg.capacity.max_sessions as usize,
+                max_pending_total: cfg.limits.max_pending_total as usize,
+                max_pending_per_ip: cfg.limits.max_pending_per_ip as usize,
+                max_remembered_tickets: cfg.limits.max_remembered_tickets as usize,
+                pair_timeout_ms: cfg.limits.pair_timeout_ms,
+            },
+        );
+        let (drain_tx, _) = watch::channel(false);
+        let (cut_tx, cut) = watch::channel(false);
+        let global_bw = match cfg.capacity.max_bandwidth_bytes_per_sec {
+            0 => None,
+            r => Some(Arc::new(Mutex::new(TokenBucket::new(r, 0)))),
+        };
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cfg,
+                metrics: Arc::new(Metrics::default()),
+                pairing: Mutex::new(pairing),
+                handshakes: Mutex::new(HashMap::new()),
+                global_bw,
+                cut,
+            }),
+            tcp,
+            udp,
+            probe,
+            http,
+            verifier,
+            drain_tx: Arc::new(drain_tx),
+            cut_tx,
+            addrs,
+        })
+    }
+
+    /// The bound addresses.
+    pub fn addrs(&self) -> BoundAddrs {
+        self.addrs
+    }
+
+    /// A handle to drain the relay and read its metrics.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            drain: self.drain_tx.clone(),
+            metrics: self.shared.metrics.clone(),
+        }
+    }
+
+    /// Runs until a drain (from [`RelayHandle::drain`]) has completed.
+    pub async fn run(self) -> Result<(), RelayError> {
+        let Relay {
+            shared,
+            tcp,
+            udp,
+            probe,
+            http,
+            verifier,
+            drain_tx,
+            cut_tx,
+            addrs,
+        } = self;
+        info!(relay_id = %shared.cfg.relay_id, ?addrs, "relay listening");
+        let mut drain_rx = drain_tx.subscribe();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(accept_loop(tcp, shared.clone(), drain_tx.subscribe()));
+        if let Some(sock) = udp {
+            tasks.spawn(udp_loop(sock, shared.clone(), verifier.clone()));
+        }
+        if let Some(sock) = probe {
+            tasks.spawn(probe_loop(sock, shared.clone()));
+        }
+        tasks.spawn(sampler(shared.clone()));
+        let http_task = http.map(|l| tokio::spawn(http_server(l, shared.clone())));
+
+        until_true(&mut drain_rx).await;
+        let grace = Duration::from_secs(shared.cfg.drain.grace_secs);
+        info!(grace_secs = grace.as_secs(), "draining: no new sessions");
+        shared.metrics.draining.store(true, Relaxed);
+        let waiters = shared
+            .pairing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .start_drain();
+        drop(waiters); // each waiting first side is told `draining` and closed
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let live = shared.metrics.active_sessions() + shared.metrics.pending_sessions();
+            if live == 0 || tokio::time::Instant::now() >= deadline {
+                if live > 0 {
+                    warn!(live, "drain grace over: cutting live sessions");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = cut_tx.send(true);
+        // Let the cut sessions close their sockets.
+        let wait_closed = tokio::time::Instant::now() + Duration::from_secs(2);
+        while shared.metrics.tcp_active.load(Relaxed) > 0
+            && tokio::time::Instant::now() < wait_closed
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tasks.abort_all();
+        if let Some(h) = http_task {
+            h.abort();
+        }
+        info!("drained");
+        Ok(())
+    }
+}
+
+/// Raises this process's soft open-files limit to its hard limit (each relayed TCP session
+/// holds two sockets and two pipes, four descriptors more). Returns the new soft limit.
+pub fn raise_nofile_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).ok()?;
+    Some(hard)
+}
+
+async fn until_true(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|d| *d).await;
+}
+
+struct HandshakeGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        let mut h = self
+            .shared
+            .handshakes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = h.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                h.remove(&self.ip);
+            }
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut drain: watch::Receiver<bool>) {
+    let sem = Arc::new(Semaphore::new(shared.cfg.limits.max_connections as usize));
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            () = until_true(&mut drain) => return,
+        };
+        let m = &shared.metrics;
+        m.tcp_accepted.fetch_add(1, Relaxed);
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            m.tcp_refused_conn_limit.fetch_add(1, Relaxed);
+            m.tcp_status_sent(StatusCode::Full);
+            let _ = stream.try_write(&wire::encode_status(StatusCode::Full));
+            continue;
+        };
+        let guard = {
+            let mut h = shared.handshakes.lock().unwrap_or_else(|e| e.into_inner());
+            let n = h.entry(peer.ip()).or_insert(0);
+            if *n >= shared.cfg.limits.max_handshakes_per_ip {
+                None
+            } else {
+                *n += 1;
+                Some(HandshakeGuard {
+                    shared: shared.clone(),
+                    ip: peer.ip(),
+                })
+            }
+        };
+        let Some(guard) = guard else {
+            m.tcp_refused_conn_limit.fetch_add(1, Relaxed);
+            m.tcp_status_sent(StatusCode::TooManyFromAddress);
+            let _ = stream.try_write(&wire::encode_status(StatusCode::TooManyFromAddress));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(handle_conn(stream, peer, shared.clone(), permit, guard));
+    }
+}
+
+async fn send_status(stream: &mut TcpStream, m: &Metrics, code: StatusCode) {
+    m.tcp_status_sent(code);
+    let _ = tokio::time::timeout(
+        Duration::from_secs(2),
+        stream.write_all(&wire::encode_status(code)),
+    )
+    .await;
+}
+
+enum HelloError {
+    Closed,
+    Bad,
+}
+
+async fn read_hello(stream: &mut TcpStream) -> Result<Vec<u8>, HelloError> {
+    let mut header = [0u8; HELLO_HEADER_LEN];
+    stream
+        .read_exact(&mut header)
+        .await
+        .map_err(|_| HelloError::Closed)?;
+    let len = wire::decode_hello_header(&header).map_err(|_| HelloError::Bad)?;
+    let mut ticket = vec![0u8; len];
+    stream
+        .read_exact(&mut ticket)
+        .await
+        .map_err(|_| HelloError::Closed)?;
+    Ok(ticket)
+}
+
+async fn handle_conn(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    _permit: OwnedSemaphorePermit,
+    guard: HandshakeGuard,
+) {
+    let m = shared.metrics.clone();
+    m.tcp_open.fetch_add(1, Relaxed);
+    struct Open(Arc<Metrics>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.tcp_open.fetch_sub(1, Relaxed);
+        }
+    }
+    let _open = Open(m.clone());
+    let hello_timeout = Duration::from_millis(shared.cfg.limits.hello_timeout_ms);
+    let ticket_bytes = match tokio::time::timeout(hello_timeout, read_hello(&mut stream)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(HelloError::Bad)) => {
+            return send_status(&mut stream, &m, StatusCode::Malformed).await
+        }
+        Ok(Err(HelloError::Closed)) => return,
+        Err(_) => return send_status(&mut stream, &m, StatusCode::TimedOut).await,
+    };
+    drop(guard);
+    let (tx, rx) = oneshot::channel();
+    let outcome = shared
+        .pairing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .hello(&ticket_bytes, peer.ip(), now_ms(), tx);
+    match outcome {
+        HelloOutcome::Refused(r) => {
+            debug!(%peer, code = r.code.name(), reason = %r.reason, "hello refused");
+            send_status(&mut stream, &m, r.code).await;
+        }
+        HelloOutcome::Paired {
+            ticket,
+            first,
+            waiter,
+        } => {
+            debug!(%peer, session = %ticket.session_id, "second side arrived");
+            if let Err(p) = waiter.send(Partner { stream, ticket }) {
+                // The first side's task is gone (only possible if it was aborted).
+                let mut s = p.stream;
+                shared
+                    .pairing
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .session_ended();
+                send_status(&mut s, &m, StatusCode::TimedOut).await;
+            }
+            let _ = first;
+        }
+        HelloOutcome::Waiting {
+            ticket,
+            token,
+            deadline_ms,
+        } => {
+            m.tcp_pending.fetch_add(1, Relaxed);
+            send_status(&mut stream, &m, StatusCode::Waiting).await;
+            let wait = Duration::from_millis(deadline_ms.saturating_sub(now_ms()));
+            let r = wait_partner(&mut stream, rx, wait, &shared, &ticket, token).await;
+            m.tcp_pending.fetch_sub(1, Relaxed);
+            match r {
+                Ok(partner) => run_session(stream, ticket, partner, &shared).await,
+                Err(code) => {
+                    if let Some(code) = code {
+                        send_status(&mut stream, &m, code).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Waits for the partner. `Err(Some(code))`: tell the client and close; `Err(None)`: it left.
+async fn wait_partner(
+    stream: &mut TcpStream,
+    mut rx: oneshot::Receiver<Partner>,
+    wait: Duration,
+    shared: &Shared,
+    ticket: &Ticket,
+    token: crate::pairing::PendingToken,
+) -> Result<Partner, Option<StatusCode>> {
+    let sleep = tokio::time::sleep(wait);
+    tokio::pin!(sleep);
+    let mut watch_close = true;
+    let cancel = |shared: &Shared| {
+        shared
+            .pairing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cancel(ticket.session_id, token)
+            .is_some()
+    };
+    loop {
+        tokio::select! {
+            r = &mut rx => return r.map_err(|_| Some(StatusCode::Draining)),
+            () = &mut sleep => {
+                if cancel(shared) {
+                    return Err(Some(StatusCode::TimedOut));
+                }
+                // Paired meanwhile: the partner is on its way.
+                return (&mut rx).await.map_err(|_| Some(StatusCode::Draining));
+            }
+            r = stream.ready(Interest::READABLE), if watch_close => {
+                let mut b = [0u8; 1];
+                match r.map(|_| stream.try_io(Interest::READABLE, || {
+                    nix::sys::socket::recv(stream.as_raw_fd(), &mut b, MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT)
+                        .map_err(std::io::Error::from)
+                })) {
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Ok(Ok(n)) if n > 0 => watch_close = false, // early data: keep it for the pipe
+                    _ => {
+                        // Closed or reset while waiting.
+                        if cancel(shared) {
+                            return Err(None);
+                        }
+                        return (&mut rx).await.map_err(|_| None);
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn run_session(mut mine: TcpStream, my_ticket: Ticket, partner: Partner, shared: &Shared) {
+    let m = &shared.metrics;
+    let mut other = partner.stream;
+    m.tcp_sessions_total.fetch_add(1, Relaxed);
+    m.tcp_active.fetch_add(1, Relaxed);
+    send_status(&mut mine, m, StatusCode::Paired).await;
+    send_status(&mut other, m, StatusCode::Paired).await;
+    let (a, a_t, b, b_t) = if my_ticket.side == Side::A {
+        (&mine, &my_ticket, &other, &partner.ticket)
+    } else {
+        (&other, &partner.ticket, &mine, &my_ticket)
+    };
+    let lim = |t: &Ticket| DirLimits {
+        bytes_per_sec: t.limits.max_bytes_per_sec,
+        max_total: t.limits.max_total_bytes,
+    };
+    let idle_secs = [a_t.limits.idle_timeout_secs, b_t.limits.idle_timeout_secs]
+        .into_iter()
+        .filter(|s| *s > 0)
+        .min()
+        .unwrap_or(shared.cfg.limits.idle_timeout_secs);
+    let mut cut = shared.cut.clone();
+    let end = splice::run(
+        SpliceSession {
+            a,
+            b,
+            a_limits: lim(a_t),
+            b_limits: lim(b_t),
+            idle: Duration::from_secs(u64::from(idle_secs)),
+            global: shared.global_bw.as_ref(),
+            a_to_b: &m.bytes_a_to_b,
+            b_to_a: &m.bytes_b_to_a,
+        },
+        async move { until_true(&mut cut).await },
+    )
+    .await;
+    match end {
+        End::Idle => m.tcp_idle_closed.fetch_add(1, Relaxed),
+        End::Limit => m.tcp_limit_closed.fetch_add(1, Relaxed),
+        End::Cut => m.tcp_drain_cut.fetch_add(1, Relaxed),
+        End::Closed | End::Error => 0,
+    };
+    debug!(session = %my_ticket.session_id, ?end, "session ended");
+    shared
+        .pairing
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .session_ended();
+    m.tcp_active.fetch_sub(1, Relaxed);
+}
+
+async fn udp_loop(sock: UdpSocket, shared: Arc<Shared>, verifier: TicketVerifier) {
+    let cfg = &shared.cfg;
+    let mut core = UdpCore::new(
+        verifier,
+        UdpCoreConfig {
+            relay_id: cfg.relay_id.clone(),
+            max_sessions: cfg.capacity.max_sessions as usize,
+            idle_timeout_ms: u64::from(cfg.limits.udp_idle_timeout_secs) * 1000,
+            max_remembered_tickets: cfg.limits.max_remembered_tickets as usize,
+        },
+    );
+    let m = shared.metrics.clone();
+    let mut buf = vec![0u8; 65536];
+    let mut last_sweep = now_ms();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = sock.readable() => { if r.is_err() { tokio::time::sleep(Duration::from_millis(10)).await; } }
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        let mut now = now_ms();
+        // Drain the socket; re-read the clock every 256 datagrams.
+        for i in 0u32.. {
+            if i % 256 == 255 {
+                now = now_ms();
+            }
+            let (n, src) = match sock.try_recv_from(&mut buf) {
+                Ok(x) => x,
+                Err(_) => break,
+            };
+            let dgram = &buf[..n];
+            match core.on_datagram(src, dgram, now) {
+                UdpAction::Forward { to, from_side } => {
+                    let sent = match sock.try_send_to(dgram, to) {
+                        Ok(_) => true,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            sock.send_to(dgram, to).await.is_ok()
+                        }
+                        Err(_) => false,
+                    };
+                    if sent {
+                        m.udp_forwarded.fetch_add(1, Relaxed);
+                        let c = if from_side == Side::A {
+                            &m.bytes_a_to_b
+                        } else {
+                            &m.bytes_b_to_a
+                        };
+                        c.fetch_add(n as u64, Relaxed);
+                    }
+                }
+                UdpAction::Status {
+                    session_id,
+                    replies,
+                } => {
+                    for (to, code) in replies {
+                        m.udp_status[code.index()].fetch_add(1, Relaxed);
+                        let _ = sock.try_send_to(&wire::encode_udp_status(session_id, code), to);
+                    }
+                    m.udp_sessions.store(core.sessions() as u64, Relaxed);
+                    m.udp_active.store(core.active() as u64, Relaxed);
+                }
+                UdpAction::Drop(r) => {
+                    m.udp_dropped[r.index()].fetch_add(1, Relaxed);
+                }
+            }
+        }
+        if !draining && m.draining.load(Relaxed) {
+            draining = true;
+            core.start_drain();
+        }
+        if now.saturating_sub(last_sweep) >= 250 {
+            last_sweep = now;
+            core.expire(now);
+            m.udp_sessions.store(core.sessions() as u64, Relaxed);
+            m.udp_active.store(core.active() as u64, Relaxed);
+        }
+    }
+}
+
+fn recv_with_ttl(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, u8)> {
+    let mut cmsg = nix::cmsg_space!(libc_int);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = recvmsg::<SockaddrStorage>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )?;
+    let mut ttl = 0u8;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::Ipv4Ttl(t) = c {
+                ttl = u8::try_from(t).unwrap_or(255);
+            }
+        }
+    }
+    let addr = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::from(std::net::SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::from(std::net::SocketAddrV6::from(*v6)))
+                })
+        })
+        .ok_or_else(|| std::io::Error::other("datagram without source address"))?;
+    Ok((msg.bytes, addr, ttl))
+}
+
+#[allow(non_camel_case_types)]
+type libc_int = i32;
+
+async fn probe_loop(sock: UdpSocket, shared: Arc<Shared>) {
+    let mut secret = [0u8; 32];
+    if getrandom::getrandom(&mut secret).is_err() {
+        warn!("no OS randomness: probe bursts disabled");
+        secret = [0; 32];
+    }
+    let pc = &shared.cfg.probe;
+    let mut responder = ProbeResponder::new(
+        secret,
+        pc.burst_max_packets,
+        pc.burst_bytes_per_sec,
+        now_us(),
+    );
+    let m = shared.metrics.clone();
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let r = sock
+            .async_io(Interest::READABLE, || recv_with_ttl(&sock, &mut buf))
+            .await;
+        let Ok((n, src, ttl)) = r else { continue };
+        let load = m.load_percent(&shared.cfg);
+        let draining = m.draining.load(Relaxed);
+        match responder.respond(src, &buf[..n.min(buf.len())], ttl, load, draining, now_us()) {
+            ProbeAction::Reply(out) => {
+                m.probe_echo.fetch_add(1, Relaxed);
+                let _ = sock.try_send_to(&out, src);
+            }
+            ProbeAction::Burst(packets) => {
+                for p in packets {
+                    if sock.send_to(&p, src).await.is_ok() {
+                        m.probe_burst_packets.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+            ProbeAction::Ignore => {
+                m.probe_ignored.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+async fn sampler(shared: Arc<Shared>) {
+    let mut prev = (0, 0, crate::metrics::cpu_seconds().unwrap_or(0.0));
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = tokio::time::Instant::now();
+        shared
+            .metrics
+            .update_sample(&mut prev, (now - last).as_secs_f64());
+        last = now;
+        shared
+            .pairing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prune(now_ms());
+    }
+}
+
+async fn http_server(listener: TcpListener, shared: Arc<Shared>) {
+    let app = axum::Router::new()
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!("http server stopped: {e}");
+    }
+}
+
+async fn status(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    axum::Json(s.metrics.status(&s.cfg))
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render_prometheus(&s.cfg),
+    )
+}
