@@ -1,0 +1,526 @@
+//! Resumable tunnels: a sequence/acknowledge layer over [`crate::tunnel`] so that a bridged
+//! connection survives the loss of its relay and continues, without losing or repeating a
+//! byte, over a new encrypted tunnel through another relay.
+//!
+//! # Protocol
+//!
+//! Stream bytes are numbered implicitly from 0 in each direction. Each side keeps every byte
+//! it sent until the peer acknowledges it, in a [`ReplayBuffer`] of at most
+//! [`ResumeConfig::max_replay`] bytes; when it is full, reading from the local connection
+//! pauses (back-pressure), so memory stays bounded. A receiver acknowledges (tunnel frame type
+//! `2`: bytes received, end of stream received) every [`ResumeConfig::ack_every`] bytes and on
+//! the end of stream.
+//!
+//! Every tunnel (the first one, and each one after a relay failure) starts with both sides
+//! sending an acknowledgement of what they hold. Each side then drops the acknowledged prefix
+//! of its replay buffer and retransmits the rest, and the end-of-stream frame if the peer has
+//! not seen it. A claimed position outside the replay buffer is an error
+//! ([`ResumeError::CannotResume`]), never a silent gap.
+//!
+//! The session ends when both ends of stream have been sent, received and acknowledged; the
+//! local connection is then half-closed in both directions and the tunnel shut down.
+//!
+//! What fails for good instead of resuming: authentication failures and protocol errors (a
+//! relay that tampers does not get another try in the same session), more than
+//! [`ResumeConfig::max_resumes`] tunnel failures, and a failed reconnect. What this module
+//! does not do: find the next relay or its tickets (the caller's `reconnect` does: the broker
+//! picks, both agents dial), or resume after the agent process itself restarts.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+
+use crate::tunnel::{Frame, Tunnel, TunnelError, MAX_CHUNK};
+
+/// Largest replay buffer allowed.
+pub const MAX_REPLAY: usize = 64 << 20;
+
+/// Why a resumable session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ResumeError {
+    /// The tunnel failed in a way that is not retried (authentication, protocol).
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    /// The peer claims a position the replay buffer no longer (or never) covers.
+    #[error(
+        "cannot resume: the peer acknowledges byte {claimed}, but this side holds {base}..={end}"
+    )]
+    CannotResume {
+        /// What the peer claimed.
+        claimed: u64,
+        /// First byte still held.
+        base: u64,
+        /// One past the last byte sent.
+        end: u64,
+    },
+    /// The peer acknowledged an end of stream that was never sent.
+    #[error("protocol error: the peer acknowledged an end of stream that was not sent")]
+    BadAck,
+    /// Too many tunnel failures.
+    #[error("gave up after {attempts} tunnel failures; last: {last}")]
+    GaveUp {
+        /// Failures so far.
+        attempts: u32,
+        /// The last failure.
+        last: TunnelError,
+    },
+    /// The caller's reconnect failed.
+    #[error("reconnect after a tunnel failure failed: {0}")]
+    Reconnect(TunnelError),
+    /// Reading or writing the local connection failed.
+    #[error("local connection error: {0}")]
+    Local(std::io::Error),
+    /// A configuration value out of range.
+    #[error("resume setting out of range: {0}")]
+    Config(&'static str),
+}
+
+/// Settings of the resumable layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeConfig {
+    /// Most unacknowledged bytes kept for retransmission, [`MAX_CHUNK`]..=[`MAX_REPLAY`].
+    pub max_replay: usize,
+    /// Acknowledge after this many bytes received, 1..=`max_replay / 2`.
+    pub ack_every: usize,
+    /// Most tunnel failures survived in one session.
+    pub max_resumes: u32,
+}
+
+impl Default for ResumeConfig {
+    fn default() -> Self {
+        Self {
+            max_replay: 1 << 20,
+            ack_every: 256 << 10,
+            max_resumes: 8,
+        }
+    }
+}
+
+impl ResumeConfig {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), ResumeError> {
+        if !(MAX_CHUNK..=MAX_REPLAY).contains(&self.max_replay) {
+            return Err(ResumeError::Config("max_replay must be 16 KiB..=64 MiB"));
+        }
+        if self.ack_every == 0 || self.ack_every > self.max_replay / 2 {
+            return Err(ResumeError::Config("ack_every must be 1..=max_replay/2"));
+        }
+        Ok(())
+    }
+}
+
+/// The bytes sent but not yet acknowledged, with their stream offsets. Sans-I/O.
+#[derive(Debug)]
+pub struct ReplayBuffer {
+    base: u64,
+    buf: VecDeque<u8>,
+    cap: usize,
+}
+
+impl ReplayBuffer {
+    /// An empty buffer holding at most `cap` bytes.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            base: 0,
+            buf: VecDeque::new(),
+            cap,
+        }
+    }
+
+    /// Bytes that can still be pushed.
+    pub fn free(&self) -> usize {
+        self.cap - self.buf.len()
+    }
+
+    /// Offset of the first byte held (everything before it is acknowledged).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// One past the offset of the last byte sent.
+    pub fn end(&self) -> u64 {
+        self.base + self.buf.len() as u64
+    }
+
+    /// Appends sent bytes; at most [`free`](Self::free) of them are kept, and the count kept
+    /// is returned (the caller never pushes more than it checked).
+    pub fn push(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(self.free());
+        self.buf.extend(&data[..n]);
+        n
+    }
+
+    /// Drops everything before `upto`. Errors if `upto` lies outside `base..=end`.
+    pub fn ack(&mut self, upto: u64) -> Result<(), ResumeError> {
+        if upto < self.base || upto > self.end() {
+            return Err(ResumeError::CannotResume {
+                claimed: upto,
+                base: self.base,
+                end: self.end(),
+            });
+        }
+        let n = (upto - self.base) as usize;
+        self.buf.drain(..n);
+        self.base = upto;
+        Ok(())
+    }
+
+    /// A copy of everything held (to retransmit after [`ack`](Self::ack)).
+    pub fn pending(&self) -> Vec<u8> {
+        self.buf.iter().copied().collect()
+    }
+}
+
+/// Both directions' positions. Sans-I/O.
+#[derive(Debug)]
+struct State {
+    replay: ReplayBuffer,
+    end_queued: bool,
+    end_acked: bool,
+    received: u64,
+    end_received: bool,
+    acked_sent: u64,
+    end_ack_sent: bool,
+    ack_every: u64,
+    local_failed: Option<std::io::ErrorKind>,
+}
+
+impl State {
+    fn ack_due(&mut self) -> Option<(u64, bool)> {
+        let due = self.received - self.acked_sent >= self.ack_every
+            || (self.end_received && !self.end_ack_sent);
+        due.then(|| {
+            self.acked_sent = self.received;
+            self.end_ack_sent = self.end_received;
+            (self.received, self.end_received)
+        })
+    }
+
+    fn on_ack(&mut self, received: u64, end: bool) -> Result<(), ResumeError> {
+        self.replay.ack(received)?;
+        if end {
+            if !self.end_queued || received != self.replay.end() {
+                return Err(ResumeError::BadAck);
+            }
+            self.end_acked = true;
+        }
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.end_acked && self.end_received && self.end_ack_sent
+    }
+}
+
+/// What a resumable bridge did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResumeStats {
+    /// Stream bytes from the local connection delivered to the peer.
+    pub sent: u64,
+    /// Stream bytes from the peer written to the local connection.
+    pub received: u64,
+    /// Tunnels used after the first.
+    pub resumes: u32,
+    /// Bytes sent a second time after a resume.
+    pub retransmitted: u64,
+}
+
+fn fatal(e: &TunnelError) -> bool {
+    matches!(
+        e,
+        TunnelError::AuthenticationFailed | TunnelError::Protocol(_) | TunnelError::Setup(_)
+    )
+}
+
+/// Bridges `local` to the peer over `first`, and over a new tunnel from `reconnect(attempt)`
+/// each time the current one fails, until both directions have ended (see the module docs).
+///
+/// Both agents must run this with the same `cfg.max_replay` or larger on the sending side
+/// than anything the peer may need; `reconnect` must produce a tunnel to the same peer (both
+/// sides dial the new relay and handshake).
+pub async fn resumable_bridge<L, S, F, Fut>(
+    local: L,
+    first: Tunnel<S>,
+    mut reconnect: F,
+    cfg: &ResumeConfig,
+) -> Result<ResumeStats, ResumeError>
+where
+    L: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<Tunnel<S>, TunnelError>>,
+{
+    cfg.validate()?;
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let state = Arc::new(Mutex::new(State {
+        replay: ReplayBuffer::new(cfg.max_replay),
+        end_queued: false,
+        end_acked: false,
+        received: 0,
+        end_received: false,
+        acked_sent: 0,
+        end_ack_sent: false,
+        ack_every: cfg.ack_every as u64,
+        local_failed: None,
+    }));
+    let notify = Arc::new(Notify::new());
+    // The local writer lives across tunnels, so a cancelled tunnel never leaves a chunk half
+    // written: a chunk counts as received once it is in this channel.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    let mut tx = Some(tx);
+    let (st2, n2) = (state.clone(), notify.clone());
+    let writer = tokio::spawn(async move {
+        while let Some(chunk) = rx.recv().await {
+            if let Err(e) = lw.write_all(&chunk).await {
+                st2.lock().unwrap_or_else(|p| p.into_inner()).local_failed = Some(e.kind());
+                n2.notify_one();
+                return Err(e);
+            }
+        }
+        lw.shutdown().await
+    });
+    let mut stats = ResumeStats::default();
+    let mut tunnel = first;
+    let mut failures = 0u32;
+    let outcome = loop {
+        let result = run_tunnel(tunnel, &mut lr, &mut tx, &state, &notify, &mut stats).await;
+        match result {
+            Ok(()) => break Ok(()),
+            Err(ResumeError::Tunnel(e)) if !fatal(&e) => {
+                failures += 1;
+                if failures > cfg.max_resumes {
+                    break Err(ResumeError::GaveUp {
+                        attempts: failures,
+                        last: e,
+                    });
+                }
+                tracing::info!(error = %e, attempt = failures, "tunnel lost; resuming on a new one");
+                match reconnect(failures).await {
+                    Ok(t) => tunnel = t,
+                    Err(e) => break Err(ResumeError::Reconnect(e)),
+                }
+                stats.resumes += 1;
+            }
+            Err(e) => break Err(e),
+        }
+    };
+    if let Err(e) = outcome {
+        // Do not half-close the local connection as if the stream had ended.
+        writer.abort();
+        return Err(e);
+    }
+    drop(tx);
+    match writer.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(ResumeError::Local(e)),
+        Err(e) => return Err(ResumeError::Local(std::io::Error::other(e))),
+    }
+    let st = state.lock().unwrap_or_else(|p| p.into_inner());
+    stats.sent = st.replay.end();
+    stats.received = st.received;
+    Ok(stats)
+}
+
+async fn run_tunnel<R, S>(
+    tunnel: Tunnel<S>,
+    lr: &mut R,
+    tx: &mut Option<mpsc::Sender<Vec<u8>>>,
+    state: &Arc<Mutex<State>>,
+    notify: &Arc<Notify>,
+    stats: &mut ResumeStats,
+) -> Result<(), ResumeError>
+where
+    R: AsyncRead + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut tr, mut tw) = tunnel.split();
+    // 1. Tell the peer what we hold; learn what it holds.
+    let (received, end_received) = {
+        let mut st = lock();
+        st.acked_sent = st.received;
+        st.end_ack_sent = st.end_received;
+        (st.received, st.end_received)
+    };
+    tw.send_ack(received, end_received).await?;
+    let (peer_received, peer_end) = match tr.recv_frame().await? {
+        Frame::Ack { received, end } => (received, end),
+        _ => {
+            return Err(TunnelError::Protocol(
+                "a resumed tunnel must start with an acknowledgement",
+            )
+            .into())
+        }
+    };
+    // 2. Retransmit what the peer lacks.
+    let (retransmit, resend_end) = {
+        let mut st = lock();
+        st.replay.ack(peer_received)?;
+        if peer_end {
+            st.on_ack(peer_received, true)?;
+        }
+        (st.replay.pending(), st.end_queued && !peer_end)
+    };
+    stats.retransmitted += retransmit.len() as u64;
+    // 3. Run both directions until done or the tunnel fails. The retransmission is the first
+    // thing the sending direction does, so that both sides read while they retransmit.
+    let up = async {
+        tw.send(&retransmit).await?;
+        drop(retransmit);
+        if resend_end {
+            tw.send_end().await?;
+        }
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            let (ack, free, end_queued, done, local_failed) = {
+                let mut st = lock();
+                (
+                    st.ack_due(),
+                    st.replay.free().min(MAX_CHUNK),
+                    st.end_queued,
+                    st.done(),
+                    st.local_failed,
+                )
+            };
+            if let Some(kind) = local_failed {
+                return Err(ResumeError::Local(kind.into()));
+            }
+            if let Some((r, e)) = ack {
+                tw.send_ack(r, e).await?;
+                continue;
+            }
+            if done {
+                // Graceful close: the peer is done too once it has our last acknowledgement.
+                let _ = tw.shutdown().await;
+                return Ok(());
+            }
+            tokio::select! {
+                biased;
+                _ = notify.notified() => {}
+                r = lr.read(&mut buf[..free]), if !end_queued && free > 0 => {
+                    let n = r.map_err(ResumeError::Local)?;
+                    if n == 0 {
+                        lock().end_queued = true;
+                        tw.send_end().await?;
+                    } else {
+                        lock().replay.push(&buf[..n]);
+                        tw.send(&buf[..n]).await?;
+                    }
+                }
+            }
+        }
+    };
+    let down = async {
+        loop {
+            match tr.recv_frame().await {
+                Ok(Frame::Data(d)) => {
+                    if lock().end_received {
+                        return Err(TunnelError::Protocol("data after end of stream").into());
+                    }
+                    let Some(t) = tx.as_ref() else {
+                        return Err(TunnelError::Protocol("data after end of stream").into());
+                    };
+                    let len = d.len() as u64;
+                    if t.send(d.to_vec()).await.is_err() {
+                        return Err(ResumeError::Local(std::io::ErrorKind::BrokenPipe.into()));
+                    }
+                    lock().received += len;
+                }
+                Ok(Frame::End) => {
+                    lock().end_received = true;
+                    *tx = None;
+                }
+                Ok(Frame::Ack { received, end }) => lock().on_ack(received, end)?,
+                // The peer closes once it is done; if we are done too, that is the end.
+                Err(e) if lock().done() => {
+                    tracing::debug!(error = %e, "tunnel closed after completion");
+                    notify.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => return Err(ResumeError::from(e)),
+            }
+            notify.notify_one();
+        }
+    };
+    tokio::select! {
+        r = up => r,
+        r = down => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_buffer_bounds_and_acks() {
+        let mut b = ReplayBuffer::new(10);
+        assert_eq!(b.push(b"hello"), 5);
+        assert_eq!(b.push(b"world!!"), 5);
+        assert_eq!(b.free(), 0);
+        assert_eq!(b.end(), 10);
+        b.ack(3).unwrap();
+        assert_eq!(b.pending(), b"loworld");
+        assert!(matches!(
+            b.ack(2),
+            Err(ResumeError::CannotResume {
+                claimed: 2,
+                base: 3,
+                end: 10
+            })
+        ));
+        assert!(matches!(b.ack(11), Err(ResumeError::CannotResume { .. })));
+        b.ack(10).unwrap();
+        assert!(b.pending().is_empty());
+        assert_eq!((b.base(), b.free()), (10, 10));
+    }
+
+    #[test]
+    fn acks_are_due_by_count_and_at_end() {
+        let mut s = State {
+            replay: ReplayBuffer::new(100),
+            end_queued: false,
+            end_acked: false,
+            received: 0,
+            end_received: false,
+            acked_sent: 0,
+            end_ack_sent: false,
+            ack_every: 10,
+            local_failed: None,
+        };
+        s.received = 9;
+        assert_eq!(s.ack_due(), None);
+        s.received = 10;
+        assert_eq!(s.ack_due(), Some((10, false)));
+        assert_eq!(s.ack_due(), None);
+        s.received = 12;
+        s.end_received = true;
+        assert_eq!(s.ack_due(), Some((12, true)));
+        assert!(!s.done());
+        // An end acknowledgement for an end never sent is refused.
+        assert!(matches!(s.on_ack(0, true), Err(ResumeError::BadAck)));
+        s.replay.push(b"abc");
+        s.end_queued = true;
+        assert!(matches!(s.on_ack(2, true), Err(ResumeError::BadAck)));
+        s.on_ack(3, true).unwrap();
+        assert!(s.done());
+    }
+
+    #[test]
+    fn config_bounds() {
+        assert!(ResumeConfig::default().validate().is_ok());
+        let bad = ResumeConfig {
+            ack_every: 0,
+            ..ResumeConfig::default()
+        };
+        assert!(bad.validate().is_err());
+        let bad = ResumeConfig {
+            max_replay: 10,
+            ..ResumeConfig::default()
+        };
+        assert!(bad.validate().is_err());
+    }
+}

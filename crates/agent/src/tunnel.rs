@@ -1,0 +1,622 @@
+//! End-to-end encrypted tunnel between two agents over a relayed byte stream, and the bridge
+//! between such a tunnel and a local TCP connection (the user's application on the initiating
+//! side, the exposed service on the accepting side).
+//!
+//! # Protocol
+//!
+//! Once the relay has paired the two sides, the stream carries only **frames**: a length
+//! (u16, big-endian) and that many bytes, at most [`MAX_FRAME_LEN`]. A frame shorter than
+//! [`MIN_FRAME_LEN`] or longer than the maximum is a protocol error; nothing larger is ever
+//! buffered.
+//!
+//! 1. Handshake: Noise `Noise_KK_25519_ChaChaPoly_BLAKE2s` ([`NOISE_PARAMS`]). Both agents know
+//!    their own static key and the other's public static key (the ones the broker vouches for),
+//!    so the handshake is two messages (initiator → responder, responder → initiator), and it
+//!    fails on either side if the other does not hold the expected key. The Noise prologue is
+//!    `b"steelyard-tunnel/1"` followed by a caller-chosen binding (the session id), so a relay
+//!    cannot splice a handshake from one session into another.
+//! 2. Transport: every frame is one ChaCha20-Poly1305 message with an implicit nonce (the frame
+//!    counter of its direction). Its plaintext is a type byte then data: `0` = data (at most
+//!    [`MAX_CHUNK`] bytes), `1` = end of stream (no data; the sender will send nothing more),
+//!    `2` = acknowledgement (u64 bytes received, u8 end of stream received; used only by the
+//!    resumable layer in [`crate::resume`], an error in a plain tunnel).
+//!
+//! The relay sees only lengths and ciphertext. Any change to a frame, a dropped, repeated or
+//! reordered frame, fails authentication ([`TunnelError::AuthenticationFailed`]); a stream that
+//! ends without the peer's authenticated end-of-stream frame is
+//! [`TunnelError::Truncated`], so a relay cannot cut a transfer short unnoticed.
+//!
+//! # Half-close
+//!
+//! [`bridge`] copies both ways at once. When the local side stops sending (EOF), it sends the
+//! end frame and shuts down the write half of the relayed stream; when the peer's end frame
+//! arrives it shuts down the write half of the local connection. The bridge returns once both
+//! directions are done, or at the first error (dropping both connections).
+//!
+//! What this module does not do: dial the relay (see `steelyard_relay::client`), obtain or
+//! check keys against the broker, rekey (a tunnel carries at most 2^64 frames per direction),
+//! pad lengths, or resume on another relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use snow::{params::NoiseParams, Builder, StatelessTransportState};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+/// The Noise protocol name.
+pub const NOISE_PARAMS: &str = "Noise_KK_25519_ChaChaPoly_BLAKE2s";
+/// Prologue prefix; the caller's binding follows it.
+pub const PROLOGUE_PREFIX: &[u8] = b"steelyard-tunnel/1";
+/// Longest frame body on the wire (the Noise message limit).
+pub const MAX_FRAME_LEN: usize = 65535;
+/// Shortest transport frame body: the type byte and the 16-byte tag.
+pub const MIN_FRAME_LEN: usize = 1 + TAG_LEN;
+/// Most plaintext bytes in one data frame.
+pub const MAX_CHUNK: usize = 16 * 1024;
+/// Length of a static public or private key.
+pub const KEY_LEN: usize = 32;
+const TAG_LEN: usize = 16;
+const FRAME_DATA: u8 = 0;
+const FRAME_END: u8 = 1;
+const FRAME_ACK: u8 = 2;
+
+/// One decrypted frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    /// Stream bytes (never empty).
+    Data(&'a [u8]),
+    /// The peer will send no more stream bytes.
+    End,
+    /// The peer has received `received` stream bytes, and the end of stream if `end`.
+    Ack {
+        /// Stream bytes received.
+        received: u64,
+        /// Whether the end of stream was received.
+        end: bool,
+    },
+}
+
+/// Why a tunnel failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// A socket error.
+    #[error("tunnel I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The Noise handshake failed.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+    /// The handshake did not finish in time.
+    #[error("handshake failed: no answer from the peer within {0:?}")]
+    HandshakeTimeout(Duration),
+    /// A frame did not decrypt: it was altered, dropped, repeated or reordered on the way.
+    #[error("authentication failed: a frame from the peer did not verify (the relay or the network altered the stream); tunnel closed")]
+    AuthenticationFailed,
+    /// The stream ended without the peer's authenticated end of stream.
+    #[error(
+        "tunnel truncated: the relayed stream ended before the peer's authenticated end of stream"
+    )]
+    Truncated,
+    /// A frame header or a decrypted frame that breaks the protocol.
+    #[error("tunnel protocol error: {0}")]
+    Protocol(&'static str),
+    /// A key has the wrong length or the crypto library refused a setting.
+    #[error("tunnel setup error: {0}")]
+    Setup(String),
+    /// Sending after the end of stream was sent.
+    #[error("tunnel already finished sending")]
+    Finished,
+}
+
+/// A static X25519 key pair.
+#[derive(Clone)]
+pub struct StaticKeypair {
+    /// The private key.
+    pub private: [u8; KEY_LEN],
+    /// The public key.
+    pub public: [u8; KEY_LEN],
+}
+
+impl std::fmt::Debug for StaticKeypair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "StaticKeypair {{ public: {:02x?}, private: <hidden> }}",
+            self.public
+        )
+    }
+}
+
+fn params() -> Result<NoiseParams, TunnelError> {
+    NOISE_PARAMS
+        .parse()
+        .map_err(|e| TunnelError::Setup(format!("{e:?}")))
+}
+
+impl StaticKeypair {
+    /// A new random key pair from the OS random source.
+    pub fn generate() -> Result<Self, TunnelError> {
+        let kp = Builder::new(params()?)
+            .generate_keypair()
+            .map_err(|e| TunnelError::Setup(format!("key generation: {e}")))?;
+        let mut out = Self {
+            private: [0; KEY_LEN],
+            public: [0; KEY_LEN],
+        };
+        out.private.copy_from_slice(&kp.private);
+        out.public.copy_from_slice(&kp.public);
+        Ok(out)
+    }
+}
+
+/// Which end of the handshake this agent plays. The side that asked the broker for the
+/// connection (ticket side A) initiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends the first handshake message.
+    Initiator,
+    /// Answers it.
+    Responder,
+}
+
+/// What a tunnel endpoint needs to know.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    /// Initiator or responder.
+    pub role: Role,
+    /// This agent's static key pair.
+    pub local: StaticKeypair,
+    /// The peer's static public key, as the broker vouches for it.
+    pub remote_public: [u8; KEY_LEN],
+    /// Bytes both sides bind the handshake to (the session id), appended to the prologue.
+    pub binding: Vec<u8>,
+    /// Longest time the handshake may take.
+    pub handshake_timeout: Duration,
+}
+
+/// Decodes a frame header: the body length, or an error if it is out of range. Total.
+pub fn decode_frame_len(header: [u8; 2], min: usize) -> Result<usize, TunnelError> {
+    let len = usize::from(u16::from_be_bytes(header));
+    if len < min {
+        return Err(TunnelError::Protocol(
+            "frame shorter than its authentication tag",
+        ));
+    }
+    Ok(len)
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    min: usize,
+) -> Result<Option<usize>, TunnelError> {
+    let mut hdr = [0u8; 2];
+    match r.read_exact(&mut hdr).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = decode_frame_len(hdr, min)?;
+    buf.resize(len, 0);
+    match r.read_exact(&mut buf[..len]).await {
+        Ok(_) => Ok(Some(len)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(TunnelError::Truncated),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> Result<(), TunnelError> {
+    w.write_all(frame).await?;
+    Ok(())
+}
+
+/// An established tunnel over stream `S`.
+pub struct Tunnel<S> {
+    stream: S,
+    crypto: Arc<StatelessTransportState>,
+    remote_static: [u8; KEY_LEN],
+}
+
+impl<S> std::fmt::Debug for Tunnel<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tunnel {{ remote_static: {:02x?} }}", self.remote_static)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
+    /// Runs the Noise KK handshake over `stream` (already paired by the relay) within
+    /// `cfg.handshake_timeout`.
+    pub async fn handshake(mut stream: S, cfg: &TunnelConfig) -> Result<Self, TunnelError> {
+        let timeout = cfg.handshake_timeout;
+        match tokio::time::timeout(timeout, Self::handshake_inner(&mut stream, cfg)).await {
+            Err(_) => Err(TunnelError::HandshakeTimeout(timeout)),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(crypto)) => Ok(Self {
+                stream,
+                crypto: Arc::new(crypto),
+                remote_static: cfg.remote_public,
+            }),
+        }
+    }
+
+    async fn handshake_inner(
+        stream: &mut S,
+        cfg: &TunnelConfig,
+    ) -> Result<StatelessTransportState, TunnelError> {
+        let mut prologue = PROLOGUE_PREFIX.to_vec();
+        prologue.extend_from_slice(&cfg.binding);
+        let builder = Builder::new(params()?)
+            .local_private_key(&cfg.local.private)
+            .remote_public_key(&cfg.remote_public)
+            .prologue(&prologue);
+        let setup = |e: snow::Error| TunnelError::Setup(e.to_string());
+        let mut hs = match cfg.role {
+            Role::Initiator => builder.build_initiator().map_err(setup)?,
+            Role::Responder => builder.build_responder().map_err(setup)?,
+        };
+        let mut msg = vec![0u8; 2 + 256];
+        let mut payload = vec![0u8; 256];
+        let mut buf = Vec::new();
+        let mut my_turn = cfg.role == Role::Initiator;
+        while !hs.is_handshake_finished() {
+            if my_turn {
+                let n = hs.write_message(&[], &mut msg[2..]).map_err(setup)?;
+                msg[..2].copy_from_slice(&(n as u16).to_be_bytes());
+                write_frame(stream, &msg[..2 + n]).await?;
+                stream.flush().await?;
+            } else {
+                let n = match read_frame(stream, &mut buf, 1).await {
+                    Ok(Some(n)) => n,
+                    Ok(None) | Err(TunnelError::Truncated) => {
+                        return Err(TunnelError::Handshake(
+                            "the peer closed the connection during the handshake (it may not \
+                             accept our static key)"
+                                .into(),
+                        ))
+                    }
+                    Err(e) => return Err(e),
+                };
+                if n > 256 {
+                    return Err(TunnelError::Handshake("handshake message too long".into()));
+                }
+                hs.read_message(&buf[..n], &mut payload).map_err(|e| {
+                    TunnelError::Handshake(match e {
+                        snow::Error::Decrypt => "the peer's handshake message did not verify: it \
+                                                 does not hold the static key we expect, or the \
+                                                 relay altered the handshake"
+                            .into(),
+                        e => format!("invalid handshake message: {e}"),
+                    })
+                })?;
+            }
+            my_turn = !my_turn;
+        }
+        hs.into_stateless_transport_mode().map_err(setup)
+    }
+
+    /// The peer's static public key (the one the handshake proved it holds).
+    pub fn remote_static(&self) -> [u8; KEY_LEN] {
+        self.remote_static
+    }
+
+    /// Splits the tunnel into a receiving and a sending half that can be used concurrently.
+    pub fn split(self) -> (TunnelReader<ReadHalf<S>>, TunnelWriter<WriteHalf<S>>) {
+        let (r, w) = tokio::io::split(self.stream);
+        (
+            TunnelReader {
+                r,
+                crypto: self.crypto.clone(),
+                nonce: 0,
+                buf: Vec::with_capacity(MAX_FRAME_LEN),
+                plain: vec![0u8; MAX_FRAME_LEN],
+                ended: false,
+            },
+            TunnelWriter {
+                w,
+                crypto: self.crypto,
+                nonce: 0,
+                out: vec![0u8; 2 + MAX_FRAME_LEN],
+                plain: Vec::with_capacity(1 + MAX_CHUNK),
+                finished: false,
+            },
+        )
+    }
+}
+
+/// The sending half of a tunnel.
+pub struct TunnelWriter<W> {
+    w: W,
+    crypto: Arc<StatelessTransportState>,
+    nonce: u64,
+    out: Vec<u8>,
+    plain: Vec<u8>,
+    finished: bool,
+}
+
+impl<W: AsyncWrite + Unpin> TunnelWriter<W> {
+    async fn send_frame(&mut self, kind: u8, data: &[u8]) -> Result<(), TunnelError> {
+        self.plain.clear();
+        self.plain.push(kind);
+        self.plain.extend_from_slice(data);
+        let n = self
+            .crypto
+            .write_message(self.nonce, &self.plain, &mut self.out[2..])
+            .map_err(|e| TunnelError::Setup(format!("encrypt: {e}")))?;
+        self.nonce += 1;
+        self.out[..2].copy_from_slice(&(n as u16).to_be_bytes());
+        write_frame(&mut self.w, &self.out[..2 + n]).await
+    }
+
+    /// Encrypts and sends `data` (split into frames of at most [`MAX_CHUNK`] bytes).
+    pub async fn send(&mut self, data: &[u8]) -> Result<(), TunnelError> {
+        if self.finished {
+            return Err(TunnelError::Finished);
+        }
+        for chunk in data.chunks(MAX_CHUNK) {
+            self.send_frame(FRAME_DATA, chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the end-of-stream frame and shuts down the write half of the stream.
+    pub async fn finish(&mut self) -> Result<(), TunnelError> {
+        if self.finished {
+            return Ok(());
+        }
+        self.send_end().await?;
+        self.w.shutdown().await?;
+        Ok(())
+    }
+
+    /// Sends the end-of-stream frame, keeping the stream open for acknowledgements.
+    pub async fn send_end(&mut self) -> Result<(), TunnelError> {
+        self.send_frame(FRAME_END, &[]).await?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Sends an acknowledgement frame (resumable layer).
+    pub async fn send_ack(&mut self, received: u64, end: bool) -> Result<(), TunnelError> {
+        let mut body = [0u8; 9];
+        body[..8].copy_from_slice(&received.to_be_bytes());
+        body[8] = u8::from(end);
+        self.send_frame(FRAME_ACK, &body).await
+    }
+
+    /// Shuts down the write half of the underlying stream.
+    pub async fn shutdown(&mut self) -> Result<(), TunnelError> {
+        self.w.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// The receiving half of a tunnel.
+pub struct TunnelReader<R> {
+    r: R,
+    crypto: Arc<StatelessTransportState>,
+    nonce: u64,
+    buf: Vec<u8>,
+    plain: Vec<u8>,
+    ended: bool,
+}
+
+impl<R: AsyncRead + Unpin> TunnelReader<R> {
+    /// The next chunk of plaintext, or `None` once the peer's authenticated end of stream
+    /// arrived. Never returns an empty chunk. An acknowledgement frame is a protocol error here.
+    pub async fn recv(&mut self) -> Result<Option<&[u8]>, TunnelError> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.recv_frame().await? {
+            Frame::Data(d) => Ok(Some(d)),
+            Frame::End => Ok(None),
+            Frame::Ack { .. } => Err(TunnelError::Protocol(
+                "acknowledgement frame in a plain (non-resumable) tunnel",
+            )),
+        }
+    }
+
+    /// The next frame of any type. Empty data frames are skipped. After an end-of-stream
+    /// frame, further frames are still read (the resumable layer needs acknowledgements).
+    pub async fn recv_frame(&mut self) -> Result<Frame<'_>, TunnelError> {
+        loop {
+            let Some(n) = read_frame(&mut self.r, &mut self.buf, MIN_FRAME_LEN).await? else {
+                return Err(TunnelError::Truncated);
+            };
+            let m = self
+                .crypto
+                .read_message(self.nonce, &self.buf[..n], &mut self.plain)
+                .map_err(|_| TunnelError::AuthenticationFailed)?;
+            self.nonce += 1;
+            match self.plain[..m].split_first() {
+                Some((&FRAME_DATA, data)) if data.len() > MAX_CHUNK => {
+                    return Err(TunnelError::Protocol(
+                        "data frame larger than the chunk limit",
+                    ))
+                }
+                Some((&FRAME_DATA, [])) => continue,
+                Some((&FRAME_DATA, _)) => return Ok(Frame::Data(&self.plain[1..m])),
+                Some((&FRAME_END, [])) => {
+                    self.ended = true;
+                    return Ok(Frame::End);
+                }
+                Some((&FRAME_ACK, body)) if body.len() == 9 && body[8] <= 1 => {
+                    let mut r = [0u8; 8];
+                    r.copy_from_slice(&body[..8]);
+                    return Ok(Frame::Ack {
+                        received: u64::from_be_bytes(r),
+                        end: body[8] == 1,
+                    });
+                }
+                _ => return Err(TunnelError::Protocol("unknown or malformed frame")),
+            }
+        }
+    }
+}
+
+/// What a bridge moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BridgeStats {
+    /// Plaintext bytes from the local connection into the tunnel.
+    pub sent: u64,
+    /// Plaintext bytes from the tunnel to the local connection.
+    pub received: u64,
+}
+
+/// Copies between `local` and `tunnel` both ways at once, with half-close (see the module
+/// docs), until both directions ended. Returns the bytes moved, or the first error.
+pub async fn bridge<L, S>(local: L, tunnel: Tunnel<S>) -> Result<BridgeStats, TunnelError>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut lr, mut lw) = tokio::io::split(local);
+    let (mut tr, mut tw) = tunnel.split();
+    let up = async {
+        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut sent = 0u64;
+        loop {
+            let n = lr.read(&mut buf).await?;
+            if n == 0 {
+                tw.finish().await?;
+                return Ok::<u64, TunnelError>(sent);
+            }
+            tw.send(&buf[..n]).await?;
+            sent += n as u64;
+        }
+    };
+    let down = async {
+        let mut received = 0u64;
+        while let Some(data) = tr.recv().await? {
+            lw.write_all(data).await?;
+            received += data.len() as u64;
+        }
+        lw.shutdown().await?;
+        Ok::<u64, TunnelError>(received)
+    };
+    let (sent, received) = tokio::try_join!(up, down)?;
+    Ok(BridgeStats { sent, received })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (TunnelConfig, TunnelConfig) {
+        let a = StaticKeypair::generate().unwrap();
+        let b = StaticKeypair::generate().unwrap();
+        let cfg = |role, local: &StaticKeypair, remote: &StaticKeypair| TunnelConfig {
+            role,
+            local: local.clone(),
+            remote_public: remote.public,
+            binding: b"session-1".to_vec(),
+            handshake_timeout: Duration::from_secs(5),
+        };
+        (cfg(Role::Initiator, &a, &b), cfg(Role::Responder, &b, &a))
+    }
+
+    #[test]
+    fn frame_len_bounds() {
+        assert!(decode_frame_len([0, 5], MIN_FRAME_LEN).is_err());
+        assert_eq!(decode_frame_len([0, 17], MIN_FRAME_LEN).unwrap(), 17);
+        assert_eq!(
+            decode_frame_len([255, 255], MIN_FRAME_LEN).unwrap(),
+            MAX_FRAME_LEN
+        );
+        let dbg = format!("{:?}", pair().0.local);
+        assert!(dbg.contains("<hidden>"));
+    }
+
+    #[tokio::test]
+    async fn in_memory_round_trip_end_and_truncation() {
+        let (ca, cb) = pair();
+        let (sa, sb) = tokio::io::duplex(1 << 16);
+        let (ta, tb) = tokio::join!(Tunnel::handshake(sa, &ca), Tunnel::handshake(sb, &cb));
+        let (ta, tb) = (ta.unwrap(), tb.unwrap());
+        assert_eq!(tb.remote_static(), ca.local.public);
+        let (_ra, mut wa) = ta.split();
+        let (mut rb, _wb) = tb.split();
+        let data = vec![42u8; MAX_CHUNK * 2 + 5];
+        let writer = async {
+            wa.send(&data).await.unwrap();
+            wa.send(&[]).await.unwrap();
+            wa.finish().await.unwrap();
+            assert!(matches!(wa.send(b"x").await, Err(TunnelError::Finished)));
+        };
+        let reader = async {
+            let mut got = Vec::new();
+            while let Some(d) = rb.recv().await.unwrap() {
+                assert!(!d.is_empty());
+                got.extend_from_slice(d);
+            }
+            assert!(rb.recv().await.unwrap().is_none());
+            got
+        };
+        let ((), got) = tokio::join!(writer, reader);
+        assert_eq!(got, data);
+
+        // A stream that ends without the end frame is truncated.
+        let (ca, cb) = pair();
+        let (sa, sb) = tokio::io::duplex(1 << 16);
+        let (ta, tb) = tokio::join!(Tunnel::handshake(sa, &ca), Tunnel::handshake(sb, &cb));
+        let (_ra, mut wa) = ta.unwrap().split();
+        let (mut rb, _wb) = tb.unwrap().split();
+        wa.send(b"hello").await.unwrap();
+        drop(wa);
+        drop(_ra);
+        assert_eq!(rb.recv().await.unwrap(), Some(&b"hello"[..]));
+        assert!(matches!(rb.recv().await, Err(TunnelError::Truncated)));
+    }
+
+    /// Forwards whole frames from `from` to `to`, sending frame number `dup` twice.
+    async fn frame_forwarder<R, W>(mut from: R, mut to: W, dup: usize)
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut buf = Vec::new();
+        let mut i = 0;
+        while let Ok(Some(n)) = read_frame(&mut from, &mut buf, 1).await {
+            let mut frame = (n as u16).to_be_bytes().to_vec();
+            frame.extend_from_slice(&buf[..n]);
+            for _ in 0..if i == dup { 2 } else { 1 } {
+                if to.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+            i += 1;
+        }
+    }
+
+    #[tokio::test]
+    async fn replayed_frame_fails_authentication_and_short_frame_is_a_protocol_error() {
+        let (ca, cb) = pair();
+        // A <-> a_peer, b_peer <-> B; A's frames go to B through the forwarder, which sends
+        // frame 1 (the first data frame; frame 0 is the handshake message) twice.
+        let (sa, a_peer) = tokio::io::duplex(1 << 16);
+        let (sb, b_peer) = tokio::io::duplex(1 << 16);
+        let (a_peer_r, mut a_peer_w) = tokio::io::split(a_peer);
+        let (mut b_peer_r, b_peer_w) = tokio::io::split(b_peer);
+        tokio::spawn(frame_forwarder(a_peer_r, b_peer_w, 1));
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut b_peer_r, &mut a_peer_w).await;
+        });
+        let (ta, tb) = tokio::join!(Tunnel::handshake(sa, &ca), Tunnel::handshake(sb, &cb));
+        let (_ra, mut wa) = ta.unwrap().split();
+        let (mut rb, _wb) = tb.unwrap().split();
+        wa.send(b"once").await.unwrap();
+        assert_eq!(rb.recv().await.unwrap(), Some(&b"once"[..]));
+        assert!(matches!(
+            rb.recv().await,
+            Err(TunnelError::AuthenticationFailed)
+        ));
+
+        // A header announcing fewer bytes than a tag is refused before the body is read.
+        let (mut raw, mut s) = tokio::io::duplex(1 << 10);
+        raw.write_all(&[0, 3, 1, 2, 3]).await.unwrap();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_frame(&mut s, &mut buf, MIN_FRAME_LEN).await,
+            Err(TunnelError::Protocol(_))
+        ));
+    }
+}
