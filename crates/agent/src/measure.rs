@@ -48,7 +48,7 @@ use steelyard_select::{PathMetrics, RelayId, Timestamp};
 use tokio::net::{TcpStream, UdpSocket};
 
 /// Most probes in one train (bounds the per-train state).
-pub const MAX_PROBES: u16 = 256;
+pub const MAX_PROBES: u16 = 2048;
 /// Largest echo request the agent sends.
 pub const MAX_PROBE_LEN: usize = 1200;
 

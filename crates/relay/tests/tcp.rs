@@ -342,10 +342,8 @@ async fn ticket_limits_rate_total_and_idle() {
     }
     w.await.unwrap();
     let secs = started.elapsed().as_secs_f64();
-    assert!(
-        (1.8..6.0).contains(&secs),
-        "2.5 MB at 1 MB/s took {secs:.2} s"
-    );
+    // Only the floor is a property of the relay: a busy machine may take longer, never less.
+    assert!(secs >= 1.8, "2.5 MB at 1 MB/s took only {secs:.2} s");
 
     // Total: 100 kB allowed; the session is closed once it is used up.
     let (mut a, mut b) = paired(

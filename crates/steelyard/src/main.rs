@@ -3,6 +3,7 @@
 
 mod broker;
 mod demo;
+mod measure;
 mod relay;
 mod scenario;
 
@@ -24,6 +25,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the broker: registry, reports, connection brokering with signed tickets.
     Broker(broker::BrokerArgs),
+    /// Measure the paths from this machine to relays, once, as the agent does each cycle.
+    Measure(measure::MeasureArgs),
     /// Run a relay: pair brokered sessions by ticket and forward their traffic.
     Relay(relay::RelayArgs),
 }
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
         Command::Broker(args) => broker::run(args),
+        Command::Measure(args) => measure::run(args),
         Command::Relay(args) => relay::run(args),
     }
 }

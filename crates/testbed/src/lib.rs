@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 const DELAY_BRIDGE: &str = include_str!("delay_bridge.py");
 
 /// Programs the test bed runs, and the Debian package each comes from.
-const TOOLS: [(&str, &str); 5] = [
+const TOOLS: [(&str, &str); 6] = [
+    ("chrt", "util-linux"),
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("iptables", "iptables"),
@@ -265,11 +266,16 @@ impl Testbed {
                 }
                 no_offloads(&ns_a, &a_if)?;
                 no_offloads(&ns_b, &b_if)?;
+                // Real-time priority: a busy machine must not add its own delay to the emulated
+                // one (the bridge sleeps in poll(2) between frames, so it cannot hog a core).
                 let mut child = Command::new("ip")
                     .args([
                         "netns",
                         "exec",
                         &emu,
+                        "chrt",
+                        "-f",
+                        "50",
                         "python3",
                         "-",
                         "x",
@@ -665,11 +671,13 @@ fn truncate_ifname(name: &str) -> String {
 }
 
 fn no_offloads(ns: &str, dev: &str) -> Result<()> {
-    // Frames larger than the MTU (GSO/GRO) cannot cross a packet socket; turn them off.
+    // Frames larger than the MTU (GSO/GRO) cannot cross a packet socket, and checksums left to
+    // the device (TX checksum offload) would arrive unfinished: turn both off.
     in_ns(
         ns,
         &[
-            "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off",
+            "ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off", "tx", "off", "rx",
+            "off",
         ],
     )
     .map(|_| ())
