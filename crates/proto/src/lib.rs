@@ -1,9 +1,10 @@
 //! Steelyard wire types and codecs.
 //!
 //! This crate defines the bytes that Steelyard's components exchange and how to read and write
-//! them. Today that is the [`ticket`] module: the broker's Ed25519-signed session tickets and
-//! their offline verification by relays. Relay hello and framing, probe packets and API
-//! messages will join it.
+//! them: [`ticket`], the broker's Ed25519-signed session tickets and their offline verification
+//! by relays, and [`api`], the versioned JSON messages agents and relays exchange with the
+//! broker over their WebSockets. (The relay's hello/status framing and probe packets live in
+//! `steelyard-relay`'s `wire` module for now.)
 //!
 //! What it does **not** do: no I/O, no async, no clocks, no randomness and no shared state.
 //! Callers pass the current time in (`now`, unix seconds) and keep any state themselves (for
@@ -14,5 +15,6 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod hex;
 pub mod ticket;

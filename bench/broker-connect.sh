@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Broker: brokered connects/s and request-to-answer latency over real WebSockets (10,000 peers x 50 of 500 relays), memory per peer, vs a bare axum WebSocket echo.
+#
+# Ours: `steelyard broker` (release, in-memory store) with 500 relays streaming load and
+# PEERS enrolled agents each reporting PATHS random relays; CONCURRENCY initiators each keep one
+# connect request in flight to a random peer (auto-accept: the broker answers A and offers B at
+# once, two signed tickets per connect). Ceiling: a bare axum WebSocket echo server on the same
+# machine, same client, same message size, same concurrency. Client and server share the
+# machine's cores. Memory is the broker's RSS growth while the peers enroll, divided by PEERS:
+# it includes each peer's WebSocket, its registry entry and its report in the selector.
+# Bounded: counts from the variables below; every client phase runs under `timeout`, and the
+# servers are killed on exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS=${BROKER_BENCH_PEERS:-10000}
+RELAYS=${BROKER_BENCH_RELAYS:-500}
+PATHS=${BROKER_BENCH_PATHS:-50}
+CONNECTS=${BROKER_BENCH_CONNECTS:-100000}
+CONCURRENCY=${BROKER_BENCH_CONCURRENCY:-32}
+log() { echo "[broker-connect] $*" >&2; }
+
+need=$((PEERS + RELAYS + 256))
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need" ]; then
+  log "need $need open files per process, the limit is $(ulimit -n): lower BROKER_BENCH_PEERS"; exit 1
+fi
+log "building release binaries"
+cargo build --release -p steelyard --bin steelyard >&2
+cargo build --release -p steelyard-broker --example broker_bench >&2
+BIN=target/release/steelyard
+BENCH=target/release/examples/broker_bench
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+trap cleanup EXIT
+
+wait_addr() { # file -> host:port printed after "://"
+  for _ in $(seq 100); do
+    if grep -q "://" "$1" 2>/dev/null; then sed -n 's#.*://##p' "$1" | head -1; return; fi
+    sleep 0.1
+  done
+  log "no address in $1"; cat "$1" >&2; exit 1
+}
+
+log "ceiling: bare axum WebSocket echo, $CONNECTS requests, $CONCURRENCY in flight"
+"$BENCH" echo-server > "$WORK/echo.out" 2>&1 &
+PIDS+=($!)
+ECHO_ADDR=$(wait_addr "$WORK/echo.out")
+timeout 300 "$BENCH" echo "$ECHO_ADDR" "$CONNECTS" "$CONCURRENCY" > "$WORK/echo.json"
+kill "${PIDS[-1]}" 2>/dev/null || true
+
+log "ours: steelyard broker, $RELAYS relays, $PEERS peers x $PATHS paths, $CONNECTS connects, $CONCURRENCY in flight"
+"$BENCH" config "$RELAYS" > "$WORK/broker.toml"
+"$BIN" broker --config "$WORK/broker.toml" --data-dir "$WORK/data" > "$WORK/broker.out" 2> "$WORK/broker.err" &
+BROKER=$!
+PIDS+=("$BROKER")
+BROKER_ADDR=$(wait_addr "$WORK/broker.out")
+timeout 600 "$BENCH" run "$BROKER_ADDR" "$BROKER" "$PEERS" "$RELAYS" "$PATHS" "$CONNECTS" "$CONCURRENCY" > "$WORK/broker.json"
+
+log "state only: the broker core's memory per peer, without sockets"
+timeout 300 "$BENCH" state "$PEERS" "$RELAYS" "$PATHS" > "$WORK/state.json"
+
+python3 - "$WORK/broker.json" "$WORK/echo.json" "$PEERS" "$PATHS" "$RELAYS" "$CONCURRENCY" "$WORK/state.json" <<'PY'
+import json, sys
+b = json.load(open(sys.argv[1])); e = json.load(open(sys.argv[2]))
+peers, paths, relays, conc = sys.argv[3:7]
+state_kib = json.load(open(sys.argv[7]))["state_bytes_per_peer"] / 1024
+rate, erate = b["connects_per_sec"], e["requests_per_sec"]
+kib = b["bytes_per_peer"] / 1024
+if kib <= 0:
+    sys.exit("no memory figure: the broker's RSS was not read")
+scope = f"{int(peers):,} peers x {paths} of {relays} relays, {conc} in flight"
+print(f"| broker connects/s ({scope}) | {rate:,.0f}/s | goal >= 10,000/s; echo ceiling {erate:,.0f}/s | {rate/10000:.2f}x goal, {rate/erate:.2f}x ceiling | {b['connects']:,} answered, {b['failed']} no common relay; 2 Ed25519 tickets, offer to B, answer to A per connect |")
+print(f"| broker connect latency p50 / p99 | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} ms | goal p99 <= 5 ms; echo {e['p50_ms']:.2f} / {e['p99_ms']:.2f} ms | {5/b['p99_ms']:.2f}x goal (p99) | request sent to answer received, client on the same 2 cores |")
+print(f"| broker memory per registered peer | {kib:.1f} KiB | goal <= 4 KiB | {4/kib:.2f}x goal | RSS growth over {int(peers):,} enrolled peers, each with its own WebSocket and a {paths}-path report |")
+print(f"| broker state per peer (no socket) | {state_kib:.1f} KiB | goal <= 4 KiB | {4/state_kib:.2f}x goal | identity, registry entry and {paths}-path report in the selector; the rest of the row above is the WebSocket |")
+PY

@@ -1,0 +1,1223 @@
+//! The broker's I/O layer: HTTP (plain or rustls TLS) with axum, one WebSocket per agent and
+//! per relay, the admin API, a timer for the core's periodic work, and a writer thread that
+//! persists records to the store in batches.
+//!
+//! The logic lives in [`Core`]; this module moves bytes, reads the clock, draws random
+//! numbers, signs tickets, enforces per-connection limits and counts what happens. It does not
+//! decide anything.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use steelyard_proto::api::{
+    self, AgentHello, AgentMessage, ApiError, AuthProof, BrokerMessage, Challenge, ConnectAnswer,
+    ConnectRequest, ErrorCode, Offer, PublicKeyInfo, RelayHello, RelayMessage, RelayWelcome,
+    ReportAccepted, Role, TransportKind, NONCE_LEN,
+};
+use steelyard_proto::hex;
+use steelyard_proto::ticket::{SessionId, TicketSigner};
+use steelyard_select::{Policy, Timestamp};
+use steelyard_store::{MemoryStore, SessionRecord, SqliteStore, Store};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{BrokerConfig, StoreKind};
+use crate::core::{no_choice_error, ConnId, Core, Effects, Persist};
+use crate::keys;
+use crate::metrics::Metrics;
+use crate::openapi;
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The signing key could not be loaded or made.
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    /// The store could not be opened or read.
+    #[error(transparent)]
+    Store(#[from] steelyard_store::StoreError),
+    /// The stored state is inconsistent.
+    #[error("broker state: {0}")]
+    State(String),
+    /// TLS files are unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+enum Out {
+    Text(String),
+    Close(ApiError),
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    conns: Mutex<HashMap<ConnId, mpsc::Sender<Out>>>,
+    next_conn: AtomicU64,
+    signer: TicketSigner,
+    keys: Vec<PublicKeyInfo>,
+    config: BrokerConfig,
+    metrics: Metrics,
+    store: Arc<dyn Store>,
+    outbox: Arc<Outbox>,
+    unauth: Mutex<HashMap<IpAddr, u32>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    )
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut out = [0u8; N];
+    if getrandom::getrandom(&mut out).is_err() {
+        // Never expected on Linux; fall back to a time-and-counter mix rather than panic.
+        static FALLBACK: AtomicU64 = AtomicU64::new(0);
+        let seed = now().millis() ^ FALLBACK.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = (seed.rotate_left(i as u32 * 7) & 0xff) as u8;
+        }
+    }
+    out
+}
+
+impl Shared {
+    /// Runs `f` on the core under its lock, then carries out the effects it queued.
+    fn with_core<R>(&self, f: impl FnOnce(&mut Core) -> R) -> R {
+        let (result, effects, map) = {
+            let mut core = lock(&self.core);
+            let result = f(&mut core);
+            let effects = core.take_effects();
+            let map = effects
+                .relay_map_changed
+                .then(|| (core.relay_map_encoded(), core.online_agents()));
+            (result, effects, map)
+        };
+        if !effects.is_empty() {
+            self.apply(effects, map);
+        }
+        result
+    }
+
+    fn apply(&self, effects: Effects, map: Option<(Arc<Vec<String>>, Vec<ConnId>)>) {
+        if !effects.persist.is_empty() {
+            self.outbox.push(effects.persist);
+        }
+        for (conn, message) in effects.send {
+            if matches!(message, BrokerMessage::ReportNow(_)) {
+                self.metrics.report_requests.fetch_add(1, Ordering::Relaxed);
+            }
+            if let BrokerMessage::Error(e) = &message {
+                self.metrics.error(e.code);
+            }
+            if matches!(message, BrokerMessage::ConnectAnswer(_)) {
+                self.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            self.send(conn, &message);
+        }
+        for (conn, error) in effects.close {
+            self.metrics.error(error.code);
+            self.close(conn, error);
+        }
+        if let Some((pages, agents)) = map {
+            for conn in agents {
+                for page in pages.iter() {
+                    self.send_text(conn, page.clone());
+                }
+            }
+        }
+    }
+
+    fn send(&self, conn: ConnId, message: &BrokerMessage) {
+        self.send_text(conn, api::encode(message));
+    }
+
+    fn send_text(&self, conn: ConnId, text: String) {
+        let mut conns = lock(&self.conns);
+        if let Some(tx) = conns.get(&conn) {
+            match tx.try_send(Out::Text(text)) {
+                Ok(()) => {
+                    self.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // Too slow to keep up: dropping the only sender ends its writer.
+                    self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    conns.remove(&conn);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    conns.remove(&conn);
+                }
+            }
+        }
+    }
+
+    fn send_error(&self, conn: ConnId, error: ApiError) {
+        self.metrics.error(error.code);
+        self.send(conn, &BrokerMessage::Error(error));
+    }
+
+    fn close(&self, conn: ConnId, error: ApiError) {
+        if let Some(tx) = lock(&self.conns).remove(&conn) {
+            let _ = tx.try_send(Out::Close(error));
+        }
+    }
+
+    fn new_conn(&self) -> (ConnId, mpsc::Sender<Out>, mpsc::Receiver<Out>) {
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.config.limits.send_queue);
+        (id, tx, rx)
+    }
+
+    fn attach(&self, conn: ConnId, tx: mpsc::Sender<Out>) {
+        lock(&self.conns).insert(conn, tx);
+    }
+}
+
+/// A running broker. Dropping it does not stop it; call [`RunningBroker::shutdown`].
+pub struct RunningBroker {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RunningBroker {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The public ticket keys it publishes.
+    pub fn ticket_keys(&self) -> &[PublicKeyInfo] {
+        &self.shared.keys
+    }
+
+    /// Stops accepting, closes every WebSocket (clients reconnect elsewhere or later), flushes
+    /// the store and returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let conns: Vec<ConnId> = lock(&self.shared.conns).keys().copied().collect();
+        for conn in conns {
+            self.shared.close(
+                conn,
+                ApiError::new(
+                    ErrorCode::Internal,
+                    "the broker is shutting down; reconnect",
+                ),
+            );
+        }
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.shared.outbox.close();
+        if let Some(w) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || w.join()).await;
+        }
+    }
+}
+
+fn open_store(config: &BrokerConfig) -> Result<Arc<dyn Store>, StartError> {
+    Ok(match config.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Sqlite => {
+            std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+                StartError::State(format!(
+                    "cannot create data directory {}: {e}",
+                    config.data_dir.display()
+                ))
+            })?;
+            Arc::new(SqliteStore::open(config.data_dir.join("broker.db"))?)
+        }
+    })
+}
+
+fn tls_acceptor(config: &BrokerConfig) -> Result<Option<tokio_rustls::TlsAcceptor>, StartError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    if config.listen_plain {
+        return Ok(None);
+    }
+    let tls = config
+        .tls
+        .as_ref()
+        .ok_or_else(|| StartError::Tls("no [tls] section and listen_plain is false".into()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| StartError::Tls(format!("certificate {}: {e}", tls.cert.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!(
+            "no certificate in {}",
+            tls.cert.display()
+        )));
+    }
+    let key = PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|e| StartError::Tls(format!("key {}: {e}", tls.key.display())))?;
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| StartError::Tls(e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| StartError::Tls(e.to_string()))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(server))))
+}
+
+/// Starts a broker on the current tokio runtime: loads the key and the store, binds, and
+/// serves until [`RunningBroker::shutdown`].
+pub async fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
+    config.validate()?;
+    let tls = tls_acceptor(&config)?;
+    let (signer, generated) = keys::load_or_generate(&config.data_dir)?;
+    if generated {
+        tracing::info!(key_id = %signer.key_id(), dir = %config.data_dir.display(), "generated a new ticket signing key");
+    }
+    let mut published = vec![keys::key_info(&signer.public_key())];
+    for k in &config.extra_ticket_keys {
+        let key = api::parse_public_key(k).map_err(|e| StartError::State(e.message))?;
+        published.push(keys::key_info(&key));
+    }
+    let store = open_store(&config)?;
+    let policy = match store.get_setting("policy")? {
+        Some(json) => Some(
+            serde_json::from_str::<Policy>(&json)
+                .map_err(|e| StartError::State(format!("the stored policy does not parse: {e}")))?,
+        ),
+        None => None,
+    };
+    let core = Core::new(
+        &config,
+        store.list_peers()?,
+        store.list_relays()?,
+        policy,
+        signer.key_id(),
+        now(),
+    )
+    .map_err(StartError::State)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let outbox = Arc::new(Outbox::default());
+    let shared = Arc::new(Shared {
+        core: Mutex::new(core),
+        conns: Mutex::new(HashMap::new()),
+        next_conn: AtomicU64::new(1),
+        signer,
+        keys: published,
+        config,
+        metrics: Metrics::default(),
+        store: store.clone(),
+        outbox: outbox.clone(),
+        unauth: Mutex::new(HashMap::new()),
+    });
+    // Effects queued while building the core (config relays to persist).
+    shared.with_core(|_| ());
+    let writer = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("broker-store".into())
+            .spawn(move || {
+                writer_loop(
+                    &*shared.store,
+                    &shared.metrics,
+                    &outbox,
+                    shared.config.limits.history_days,
+                )
+            })
+            .map_err(|e| StartError::State(format!("cannot start the store writer: {e}")))?
+    };
+
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let router = router(shared.clone());
+    let accept = tokio::spawn(accept_loop(listener, tls, router, shutdown_rx.clone()));
+    let ticker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                shared.with_core(|c| c.tick(now()));
+            }
+        })
+    };
+    tracing::info!(%local_addr, tls = shared.config.tls.is_some() && !shared.config.listen_plain, store = shared.store.backend(), "broker listening");
+    Ok(RunningBroker {
+        local_addr,
+        shared,
+        shutdown,
+        tasks: vec![accept, ticker],
+        writer: Some(writer),
+    })
+}
+
+/// Records on their way to the store. Pushing is cheap and wakes the writer only when the
+/// queue was empty; the writer then waits [`BATCH_WINDOW`] so that a burst becomes one batch.
+#[derive(Default)]
+struct Outbox {
+    queue: Mutex<(Vec<Persist>, bool)>,
+    wake: std::sync::Condvar,
+}
+
+/// How long the writer lets records accumulate before writing a batch. This is the most a
+/// crash (not a clean stop, which flushes) can lose.
+const BATCH_WINDOW: Duration = Duration::from_millis(5);
+
+impl Outbox {
+    fn push(&self, records: Vec<Persist>) {
+        let mut q = lock(&self.queue);
+        let was_empty = q.0.is_empty();
+        q.0.extend(records);
+        if was_empty {
+            self.wake.notify_one();
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.queue).1 = true;
+        self.wake.notify_one();
+    }
+
+    /// The next batch; `None` once closed and drained.
+    fn take(&self) -> Option<Vec<Persist>> {
+        let mut q = lock(&self.queue);
+        while q.0.is_empty() && !q.1 {
+            q = self.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+        }
+        if q.0.is_empty() {
+            return None;
+        }
+        if !q.1 {
+            drop(q);
+            std::thread::sleep(BATCH_WINDOW);
+            q = lock(&self.queue);
+        }
+        Some(std::mem::take(&mut q.0))
+    }
+}
+
+fn writer_loop(store: &dyn Store, metrics: &Metrics, outbox: &Outbox, history_days: u64) {
+    let mut last_prune = Instant::now() - Duration::from_secs(3600);
+    while let Some(batch) = outbox.take() {
+        let mut sessions: Vec<SessionRecord> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for p in batch {
+            let result = match p {
+                Persist::Peer(r) => store.put_peer(&r),
+                Persist::Relay(r) => store.put_relay(&r),
+                Persist::Policy(json) => store.put_setting("policy", &json),
+                Persist::Session(s) => {
+                    match index.get(&s.id) {
+                        Some(&i) => sessions[i] = s,
+                        None => {
+                            index.insert(s.id.clone(), sessions.len());
+                            sessions.push(s);
+                        }
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "store write failed");
+            }
+        }
+        for chunk in sessions.chunks(4096) {
+            if let Err(e) = store.put_sessions(chunk) {
+                metrics.store_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, "store write of {} sessions failed", chunk.len());
+            }
+        }
+        if history_days > 0 && last_prune.elapsed() > Duration::from_secs(3600) {
+            last_prune = Instant::now();
+            let before = now().millis().saturating_sub(history_days * 86_400_000);
+            if let Err(e) = store.prune_sessions(before) {
+                tracing::warn!(error = %e, "pruning session history failed");
+            }
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let router = router.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                    tower::ServiceExt::oneshot(router.clone(), req)
+                },
+            );
+            let builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            match tls {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = builder.serve_connection_with_upgrades(io, service).await;
+                }
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = builder.serve_connection_with_upgrades(io, service).await;
+                        }
+                        _ => {
+                            tracing::debug!(%peer, "TLS handshake failed");
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/agent", get(agent_ws))
+        .route("/v1/relay", get(relay_ws))
+        .route("/v1/keys", get(get_keys))
+        .route("/v1/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route("/v1/explain", get(explain))
+        .route("/v1/admin/peers", get(admin_peers))
+        .route("/v1/admin/peers/{id}/revoke", post(admin_revoke))
+        .route("/v1/admin/relays", get(admin_relays))
+        .route("/v1/admin/relays/{id}/drain", post(admin_drain))
+        .route("/v1/admin/sessions", get(admin_sessions))
+        .route(
+            "/v1/admin/policy",
+            get(admin_get_policy).put(admin_put_policy),
+        )
+        .with_state(shared)
+}
+
+// ---- HTTP ----------------------------------------------------------------------------------
+
+fn http_error(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Response {
+    (status, Json(ApiError::new(code, message))).into_response()
+}
+
+#[allow(clippy::result_large_err)]
+fn check_admin(shared: &Shared, headers: &HeaderMap) -> Result<(), Response> {
+    let Some(expected) = shared.config.admin_token.as_deref() else {
+        return Err(http_error(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Unauthenticated,
+            "the admin API is disabled: set admin_token in the broker config",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            Json(ApiError::new(
+                ErrorCode::Unauthenticated,
+                "send Authorization: Bearer <admin_token>",
+            )),
+        )
+            .into_response())
+    }
+}
+
+async fn get_keys(State(shared): State<Arc<Shared>>) -> Response {
+    Json(serde_json::json!({ "keys": shared.keys })).into_response()
+}
+
+async fn health(State(shared): State<Arc<Shared>>) -> Response {
+    let g = lock(&shared.core).gauges();
+    Json(serde_json::json!({ "status": "ok", "store": shared.store.backend(), "gauges": g }))
+        .into_response()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let g = lock(&shared.core).gauges();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        shared.metrics.render(&g),
+    )
+        .into_response()
+}
+
+async fn openapi_json() -> Response {
+    Json(openapi::document()).into_response()
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    from: String,
+    to: String,
+    #[serde(default)]
+    transport: TransportKind,
+}
+
+async fn explain(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<ExplainQuery>,
+) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    let result = lock(&shared.core).explain(&q.from, &q.to, q.transport, now());
+    match result {
+        Ok(decision) => Json(decision).into_response(),
+        Err(no) => {
+            let e = no_choice_error(&no);
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                Json(serde_json::json!({ "code": e.code, "message": e.message, "detail": no })),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn admin_peers(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    let peers = lock(&shared.core).peers(now());
+    Json(serde_json::json!({ "peers": peers })).into_response()
+}
+
+async fn admin_revoke(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    match shared.with_core(|c| c.revoke_peer(&id, now())) {
+        Ok(()) => Json(serde_json::json!({ "revoked": id })).into_response(),
+        Err(e) => http_error(StatusCode::NOT_FOUND, e.code, e.message),
+    }
+}
+
+async fn admin_relays(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    let relays = lock(&shared.core).relays(now());
+    Json(serde_json::json!({ "relays": relays })).into_response()
+}
+
+#[derive(Deserialize)]
+struct DrainQuery {
+    #[serde(default = "yes")]
+    draining: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+async fn admin_drain(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<DrainQuery>,
+) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    match shared.with_core(|c| c.drain_relay(&id, q.draining)) {
+        Ok(()) => Json(serde_json::json!({ "relay": id, "draining": q.draining })).into_response(),
+        Err(e) => http_error(StatusCode::NOT_FOUND, e.code, e.message),
+    }
+}
+
+#[derive(Deserialize)]
+struct SessionsQuery {
+    #[serde(default = "hundred")]
+    limit: usize,
+}
+
+fn hundred() -> usize {
+    100
+}
+
+async fn admin_sessions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Query(q): Query<SessionsQuery>,
+) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    let limit = q.limit.min(10_000);
+    let live = lock(&shared.core).live_sessions(limit);
+    let store = shared.store.clone();
+    let history = tokio::task::spawn_blocking(move || {
+        store
+            .list_sessions(limit)
+            .and_then(|s| Ok((s, store.count_sessions()?)))
+    })
+    .await;
+    match history {
+        Ok(Ok((history, total))) => Json(serde_json::json!({
+            "live": live,
+            "history": history,
+            "history_total": total,
+        }))
+        .into_response(),
+        Ok(Err(e)) => http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        ),
+        Err(e) => http_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Internal,
+            e.to_string(),
+        ),
+    }
+}
+
+async fn admin_get_policy(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    let policy = lock(&shared.core).policy().clone();
+    Json(policy).into_response()
+}
+
+async fn admin_put_policy(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if let Err(r) = check_admin(&shared, &headers) {
+        return r;
+    }
+    let policy: Policy = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return http_error(
+                StatusCode::BAD_REQUEST,
+                ErrorCode::BadMessage,
+                format!("not a valid policy: {e}"),
+            )
+        }
+    };
+    match shared.with_core(|c| c.set_policy(policy)) {
+        Ok(()) => Json(lock(&shared.core).policy().clone()).into_response(),
+        Err(e) => http_error(StatusCode::BAD_REQUEST, e.code, e.message),
+    }
+}
+
+// ---- WebSockets ----------------------------------------------------------------------------
+
+struct UnauthGuard {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for UnauthGuard {
+    fn drop(&mut self) {
+        let mut map = lock(&self.shared.unauth);
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[allow(clippy::result_large_err)]
+fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<UnauthGuard, Response> {
+    let mut map = lock(&shared.unauth);
+    let n = map.entry(ip).or_insert(0);
+    if *n >= shared.config.limits.max_unauthenticated_per_ip {
+        shared.metrics.unauth_limit.fetch_add(1, Ordering::Relaxed);
+        shared.metrics.error(ErrorCode::TooManyConnections);
+        return Err(http_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyConnections,
+            format!(
+                "{} unauthenticated connections from {ip} already; authenticate them first",
+                *n
+            ),
+        ));
+    }
+    *n += 1;
+    Ok(UnauthGuard {
+        shared: shared.clone(),
+        ip,
+    })
+}
+
+fn configure(ws: WebSocketUpgrade, shared: &Shared) -> WebSocketUpgrade {
+    // The hard limit is twice the message limit: messages in between get a clear `too_large`
+    // error; larger ones end the connection.
+    let hard = shared.config.limits.max_message_bytes * 2;
+    ws.max_message_size(hard)
+        .max_frame_size(hard)
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+}
+
+async fn agent_ws(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let guard = match admit(&shared, addr.ip()) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
+    configure(ws, &shared)
+        .on_upgrade(move |socket| run_socket(shared, socket, guard, Role::Agent))
+        .into_response()
+}
+
+async fn relay_ws(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let guard = match admit(&shared, addr.ip()) {
+        Ok(g) => g,
+        Err(r) => return r,
+    };
+    shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
+    configure(ws, &shared)
+        .on_upgrade(move |socket| run_socket(shared, socket, guard, Role::Relay))
+        .into_response()
+}
+
+type Sink = SplitSink<WebSocket, Message>;
+type Stream = SplitStream<WebSocket>;
+
+enum Hello {
+    Agent(AgentHello),
+    Relay(RelayHello),
+}
+
+/// Reads the next text message; `Err` carries the error to send before closing.
+async fn next_text(stream: &mut Stream) -> Result<Option<String>, ApiError> {
+    loop {
+        match stream.next().await {
+            None | Some(Ok(Message::Close(_))) => return Ok(None),
+            Some(Ok(Message::Text(t))) => return Ok(Some(t.to_string())),
+            Some(Ok(Message::Binary(_))) => {
+                return Err(ApiError::new(
+                    ErrorCode::BadMessage,
+                    "binary frames are not part of the API: send JSON text frames",
+                ))
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => {
+                let text = e.to_string();
+                let code = if text.contains("too long") || text.contains("Space limit") {
+                    ErrorCode::TooLarge
+                } else {
+                    ErrorCode::BadMessage
+                };
+                return Err(ApiError::new(code, format!("WebSocket error: {text}")));
+            }
+        }
+    }
+}
+
+async fn send_direct(sink: &mut Sink, message: &BrokerMessage) -> bool {
+    sink.send(Message::Text(api::encode(message).into()))
+        .await
+        .is_ok()
+}
+
+async fn fail(shared: &Shared, sink: &mut Sink, error: ApiError) {
+    shared.metrics.error(error.code);
+    let _ = send_direct(sink, &BrokerMessage::Error(error)).await;
+    let _ = sink.send(Message::Close(None)).await;
+}
+
+/// Hello → challenge → auth. Returns the hello of an authenticated client.
+async fn handshake(
+    shared: &Shared,
+    sink: &mut Sink,
+    stream: &mut Stream,
+    role: Role,
+) -> Result<(Hello, bool), Option<ApiError>> {
+    let max = shared.config.limits.max_message_bytes;
+    let text = next_text(stream).await?.ok_or(None)?;
+    let hello = match role {
+        Role::Agent => match api::decode_agent(&text, max)? {
+            AgentMessage::Hello(h) => Hello::Agent(h),
+            _ => return Err(Some(unauthenticated())),
+        },
+        Role::Relay => match api::decode_relay(&text, max)? {
+            RelayMessage::Hello(h) => Hello::Relay(h),
+            _ => return Err(Some(unauthenticated())),
+        },
+    };
+    let nonce: [u8; NONCE_LEN] = random();
+    if !send_direct(
+        sink,
+        &BrokerMessage::Challenge(Challenge {
+            nonce: hex::encode(&nonce),
+        }),
+    )
+    .await
+    {
+        return Err(None);
+    }
+    let text = next_text(stream).await?.ok_or(None)?;
+    let proof: AuthProof = match role {
+        Role::Agent => match api::decode_agent(&text, max)? {
+            AgentMessage::Auth(p) => p,
+            _ => return Err(Some(unauthenticated())),
+        },
+        Role::Relay => match api::decode_relay(&text, max)? {
+            RelayMessage::Auth(p) => p,
+            _ => return Err(Some(unauthenticated())),
+        },
+    };
+    let enrolled = match &hello {
+        Hello::Agent(h) => shared.with_core(|c| c.authenticate_agent(h, &nonce, &proof, now())),
+        Hello::Relay(h) => shared.with_core(|c| c.authenticate_relay(h, &nonce, &proof, now())),
+    }?;
+    Ok((hello, enrolled))
+}
+
+fn unauthenticated() -> ApiError {
+    ApiError::new(
+        ErrorCode::Unauthenticated,
+        "send hello, then auth with the signed challenge, before anything else",
+    )
+}
+
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, role: Role) {
+    let (mut sink, mut stream) = socket.split();
+    let limits = &shared.config.limits;
+    let auth = tokio::time::timeout(
+        Duration::from_secs(limits.auth_timeout_secs),
+        handshake(&shared, &mut sink, &mut stream, role),
+    )
+    .await;
+    let (hello, enrolled) = match auth {
+        Ok(Ok(x)) => x,
+        Ok(Err(Some(e))) => return fail(&shared, &mut sink, e).await,
+        Ok(Err(None)) => return,
+        Err(_) => {
+            return fail(
+                &shared,
+                &mut sink,
+                ApiError::new(
+                    ErrorCode::Unauthenticated,
+                    format!("not authenticated within {} s", limits.auth_timeout_secs),
+                ),
+            )
+            .await
+        }
+    };
+    drop(guard);
+    shared.metrics.auth_ok.fetch_add(1, Ordering::Relaxed);
+    // The welcome (and the rest of the relay map) is queued before the connection is attached
+    // and marked online, so nothing can overtake it.
+    let (conn, tx, mut rx) = shared.new_conn();
+    match &hello {
+        Hello::Agent(h) => {
+            if enrolled {
+                shared.metrics.enrolled.fetch_add(1, Ordering::Relaxed);
+            }
+            let keys = shared.keys.clone();
+            shared.with_core(|c| {
+                let welcome = c.welcome(&h.peer_id, enrolled, keys);
+                let _ = tx.try_send(Out::Text(api::encode(&BrokerMessage::Welcome(welcome))));
+                for page in c.relay_map_encoded().iter().skip(1) {
+                    let _ = tx.try_send(Out::Text(page.clone()));
+                }
+                shared.attach(conn, tx);
+                c.agent_online(&h.peer_id, conn, h.auto_accept, now());
+            });
+        }
+        Hello::Relay(h) => {
+            let welcome = BrokerMessage::RelayWelcome(RelayWelcome {
+                relay_id: h.relay_id.clone(),
+                enrolled,
+                load_interval_ms: shared.config.schedule.relay_load_interval_ms,
+                ticket_keys: shared.keys.clone(),
+            });
+            let _ = tx.try_send(Out::Text(api::encode(&welcome)));
+            shared.with_core(|c| {
+                shared.attach(conn, tx);
+                c.relay_online(&h.relay_id, conn);
+            });
+        }
+    }
+
+    let writer = tokio::spawn(async move {
+        while let Some(out) = rx.recv().await {
+            match out {
+                Out::Text(t) => {
+                    if sink.send(Message::Text(t.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Out::Close(e) => {
+                    let _ = sink
+                        .send(Message::Text(api::encode(&BrokerMessage::Error(e)).into()))
+                        .await;
+                    break;
+                }
+            }
+        }
+        let _ = sink.send(Message::Close(None)).await;
+    });
+
+    let mut bucket = Bucket {
+        tokens: f64::from(limits.message_burst.max(1)),
+        rate: f64::from(limits.messages_per_sec),
+        burst: f64::from(limits.message_burst.max(1)),
+        last: Instant::now(),
+    };
+    let reader = async {
+        loop {
+            let text = match next_text(&mut stream).await {
+                Ok(Some(t)) => t,
+                Ok(None) => break,
+                Err(e) => {
+                    shared.metrics.error(e.code);
+                    shared.close(conn, e);
+                    break;
+                }
+            };
+            shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+            if !bucket.take() {
+                shared.send_error(
+                    conn,
+                    ApiError::new(
+                        ErrorCode::RateLimited,
+                        format!(
+                            "more than {} messages per second (burst {}): message dropped",
+                            limits.messages_per_sec, limits.message_burst
+                        ),
+                    ),
+                );
+                continue;
+            }
+            match &hello {
+                Hello::Agent(h) => handle_agent(&shared, conn, &h.peer_id, &text),
+                Hello::Relay(h) => handle_relay(&shared, conn, &h.relay_id, &text),
+            }
+        }
+    };
+    let mut writer = writer;
+    let writer_done = tokio::select! {
+        _ = reader => false,
+        _ = &mut writer => true,
+    };
+    lock(&shared.conns).remove(&conn);
+    match &hello {
+        Hello::Agent(h) => shared.with_core(|c| c.agent_offline(&h.peer_id, conn)),
+        Hello::Relay(h) => shared.with_core(|c| c.relay_offline(&h.relay_id, conn)),
+    }
+    // Let the writer flush what is queued (a final error) before the socket drops.
+    if !writer_done {
+        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    }
+}
+
+fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {
+    let message = match api::decode_agent(text, shared.config.limits.max_message_bytes) {
+        Ok(m) => m,
+        Err(e) => return shared.send_error(conn, e),
+    };
+    let t = now();
+    match message {
+        AgentMessage::Hello(_) | AgentMessage::Auth(_) => shared.send_error(
+            conn,
+            ApiError::new(ErrorCode::BadMessage, "already authenticated"),
+        ),
+        AgentMessage::Report(report) => match shared.with_core(|c| c.agent_report(peer, report, t))
+        {
+            Ok(paths) => {
+                shared.metrics.reports.fetch_add(1, Ordering::Relaxed);
+                shared.send(
+                    conn,
+                    &BrokerMessage::ReportAccepted(ReportAccepted { paths }),
+                );
+            }
+            Err(e) => shared.send_error(conn, e),
+        },
+        AgentMessage::Connect(req) => connect(shared, conn, peer, &req, t),
+        AgentMessage::OfferReply(reply) => {
+            if let Err(e) = shared.with_core(|c| c.offer_reply(peer, &reply, t)) {
+                shared.send_error(conn, e);
+            }
+        }
+        AgentMessage::SessionEnded(ended) => {
+            if let Err(e) = shared.with_core(|c| c.session_ended(peer, &ended, t)) {
+                shared.send_error(conn, e);
+            }
+        }
+    }
+}
+
+fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: Timestamp) {
+    let session_id = SessionId(random());
+    let plan = match shared.with_core(|c| c.connect(peer, conn, req, session_id, t)) {
+        Ok(plan) => plan,
+        Err(e) => return shared.send_error(conn, e),
+    };
+    let (ticket_a, ticket_b) = match (
+        shared.signer.sign(&plan.ticket_a),
+        shared.signer.sign(&plan.ticket_b),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(e), _) | (_, Err(e)) => {
+            return shared.send_error(
+                conn,
+                ApiError::new(ErrorCode::Internal, format!("signing failed: {e}"))
+                    .for_request(req.request_id),
+            )
+        }
+    };
+    let answer = ConnectAnswer {
+        request_id: req.request_id,
+        session_id: session_id.to_string(),
+        peer: req.to.clone(),
+        relay_id: plan.ticket_a.relay_id.clone(),
+        relay_tcp_addr: plan.relay_tcp_addr.clone(),
+        relay_udp_addr: plan.relay_udp_addr.clone(),
+        transport: req.transport,
+        ticket: hex::encode(&ticket_a),
+        expires_at: plan.ticket_a.expires_at,
+    };
+    let offer = Offer {
+        session_id: session_id.to_string(),
+        from: peer.to_owned(),
+        relay_id: plan.ticket_b.relay_id.clone(),
+        relay_tcp_addr: plan.relay_tcp_addr,
+        relay_udp_addr: plan.relay_udp_addr,
+        transport: req.transport,
+        ticket: hex::encode(&ticket_b),
+        expires_at: plan.ticket_b.expires_at,
+        reply_expected: plan.reply_expected,
+    };
+    if plan.reply_expected {
+        shared.with_core(|c| c.park_answer(session_id, answer));
+        shared.send(plan.b_conn, &BrokerMessage::Offer(offer));
+    } else {
+        shared.send(plan.b_conn, &BrokerMessage::Offer(offer));
+        shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
+        shared.send(conn, &BrokerMessage::ConnectAnswer(answer));
+    }
+}
+
+fn handle_relay(shared: &Shared, conn: ConnId, relay: &str, text: &str) {
+    let message = match api::decode_relay(text, shared.config.limits.max_message_bytes) {
+        Ok(m) => m,
+        Err(e) => return shared.send_error(conn, e),
+    };
+    match message {
+        RelayMessage::Hello(_) | RelayMessage::Auth(_) => shared.send_error(
+            conn,
+            ApiError::new(ErrorCode::BadMessage, "already authenticated"),
+        ),
+        RelayMessage::Load(load) => match shared.with_core(|c| c.relay_load(relay, load, now())) {
+            Ok(()) => {
+                shared.metrics.load_reports.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => shared.send_error(conn, e),
+        },
+    }
+}

@@ -1,0 +1,186 @@
+//! Restart on the same data directory (SQLite store): identities, relays (configured and
+//! enrolled), the policy set through the admin API, the session history and the ticket
+//! signing key all survive; agents and relays reconnect with their keys alone.
+
+mod broker_support;
+
+use broker_support::*;
+use steelyard_proto::api::{
+    AgentMessage, AgentReport, BrokerMessage, ConnectRequest, ErrorCode, LoadReport, PathReport,
+    RelayCapacity, RelayMessage, TransportKind,
+};
+
+fn path(relay: &str) -> PathReport {
+    PathReport {
+        relay: relay.into(),
+        rtt_ms: 5.0,
+        hops: 1,
+        loss: 0.0,
+        bandwidth_kbps: None,
+        tcp: true,
+        udp: true,
+        age_ms: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_keeps_everything_durable() {
+    let dir = temp_dir("restart");
+    let mut config = base_config(&dir);
+    config.push_str(&format!(
+        "store = \"sqlite\"\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = 10\n",
+        key_hex(100)
+    ));
+    // `store` must precede the tables; put it at the top.
+    let config = format!(
+        "store = \"sqlite\"\n{}",
+        config.replace("store = \"sqlite\"\n", "")
+    );
+
+    let broker = BrokerProcess::start(&dir, &config);
+    let addr = broker.addr;
+    let (_, keys_before) = http_json(addr, "GET", "/v1/keys", None, None).await;
+
+    // An enrolled relay (not in the config).
+    let mut hello = relay_hello("r9", 109);
+    hello.enroll_token = Some(RELAY_TOKEN.into());
+    hello.tcp_addr = Some("127.0.0.1:7999".into());
+    hello.capacity = Some(RelayCapacity {
+        max_sessions: 50,
+        max_bandwidth_kbps: 0,
+    });
+    let (mut r9, v) = relay(addr, hello, &key(109)).await;
+    assert!(v.unwrap().enrolled);
+    send_json(&mut r9, &RelayMessage::Load(LoadReport::default())).await;
+    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
+    v.unwrap();
+    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
+
+    // Agents, a report each, one session.
+    let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), false).await;
+    let w = v.unwrap();
+    assert_eq!(w.relays.len(), 2, "the enrolled relay is in the map");
+    let (mut bob, v) = agent(addr, "bob", &key(2), Some(AGENT_TOKEN), true).await;
+    v.unwrap();
+    for ws in [&mut alice, &mut bob] {
+        send_json(
+            ws,
+            &AgentMessage::Report(AgentReport {
+                location: None,
+                paths: vec![path("r9")],
+            }),
+        )
+        .await;
+        recv_where(ws, |m| {
+            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
+        })
+        .await;
+    }
+    send_json(
+        &mut alice,
+        &AgentMessage::Connect(ConnectRequest {
+            request_id: 1,
+            to: "bob".into(),
+            transport: TransportKind::Tcp,
+        }),
+    )
+    .await;
+    let answer = recv_where(&mut alice, |m| match m {
+        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
+        BrokerMessage::Error(e) => panic!("{e}"),
+        _ => None,
+    })
+    .await;
+    assert_eq!(answer.relay_id, "r9");
+
+    // A policy change and a drain through the admin API.
+    let (status, mut policy) = http_json(addr, "GET", "/v1/admin/policy", Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    policy["weights"]["load"] = serde_json::json!(33.0);
+    let (status, body) = http_json(
+        addr,
+        "PUT",
+        "/v1/admin/policy",
+        Some(ADMIN),
+        Some(&policy.to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = http_json(
+        addr,
+        "PUT",
+        "/v1/admin/policy",
+        Some(ADMIN),
+        Some(r#"{"weights":{"load":-1}}"#),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["message"].as_str().unwrap().contains("weights.load"),
+        "{body}"
+    );
+    let (status, _) = http(
+        addr,
+        "PUT",
+        "/v1/admin/policy",
+        Some(ADMIN),
+        Some(r#"{"nonsense":1}"#),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _) = http(addr, "POST", "/v1/admin/relays/r1/drain", Some(ADMIN), None).await;
+    assert_eq!(status, 200);
+    let (_, r) = http_json(
+        addr,
+        "POST",
+        "/v1/admin/peers/bob/revoke",
+        Some(ADMIN),
+        None,
+    )
+    .await;
+    assert_eq!(r["revoked"], "bob");
+
+    drop((alice, bob, r1, r9));
+    broker.stop();
+
+    // Same data directory, new process.
+    let broker = BrokerProcess::start(&dir, &config);
+    let addr = broker.addr;
+    let (_, keys_after) = http_json(addr, "GET", "/v1/keys", None, None).await;
+    assert_eq!(keys_before, keys_after, "the signing key survives");
+
+    let (_, v) = agent(addr, "alice", &key(1), None, false).await;
+    assert!(!v.unwrap().enrolled, "alice's identity survives");
+    let (_, v) = agent(addr, "alice", &key(3), None, false).await;
+    assert_eq!(v.unwrap_err().code, ErrorCode::AuthFailed);
+    let (_, v) = agent(addr, "bob", &key(2), None, false).await;
+    assert_eq!(
+        v.unwrap_err().code,
+        ErrorCode::Revoked,
+        "the revocation survives"
+    );
+    let (_, v) = relay(addr, relay_hello("r9", 109), &key(109)).await;
+    assert!(!v.unwrap().enrolled, "the enrolled relay survives");
+
+    let (_, relays) = http_json(addr, "GET", "/v1/admin/relays", Some(ADMIN), None).await;
+    let list = relays["relays"].as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0]["id"], "r1");
+    assert_eq!(list[0]["draining"], true, "the drain survives");
+    assert_eq!(list[1]["id"], "r9");
+    assert_eq!(list[1]["tcp_addr"], "127.0.0.1:7999");
+    assert_eq!(list[1]["max_sessions"], 50);
+
+    let (_, policy) = http_json(addr, "GET", "/v1/admin/policy", Some(ADMIN), None).await;
+    assert_eq!(policy["weights"]["load"], 33.0);
+
+    let (_, sessions) = http_json(addr, "GET", "/v1/admin/sessions", Some(ADMIN), None).await;
+    let history = sessions["history"].as_array().unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|s| s["id"] == answer.session_id.as_str() && s["relay"] == "r9"),
+        "{sessions}"
+    );
+    broker.stop();
+}

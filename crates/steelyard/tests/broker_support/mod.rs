@@ -1,0 +1,325 @@
+//! Shared pieces of the broker process tests: start the real `steelyard broker` binary, talk
+//! to it with real WebSocket clients (tokio-tungstenite) and a minimal HTTP/1.1 client.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+use futures_util::{SinkExt, StreamExt};
+use steelyard_proto::api::{
+    self, AgentHello, AgentMessage, ApiError, AuthProof, BrokerMessage, RelayHello, RelayMessage,
+    Role, API_VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+pub const AGENT_TOKEN: &str = "agent-enroll-token-0123456789";
+pub const RELAY_TOKEN: &str = "relay-enroll-token-0123456789";
+pub const ADMIN: &str = "admin-token-0123456789abcdef";
+
+/// A unique, empty temporary directory.
+pub fn temp_dir(name: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "steelyard-{name}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn key(n: u8) -> SigningKey {
+    SigningKey::from_bytes(&[n; 32])
+}
+
+pub fn key_hex(n: u8) -> String {
+    api::public_key_hex(&key(n).verifying_key())
+}
+
+/// The common head of test configs: plain HTTP, tokens, admin token.
+pub fn base_config(dir: &Path) -> String {
+    format!(
+        r#"listen = "127.0.0.1:0"
+listen_plain = true
+data_dir = "{}"
+admin_token = "{ADMIN}"
+
+[[enroll_tokens]]
+name = "agents"
+token = "{AGENT_TOKEN}"
+
+[[enroll_tokens]]
+name = "relays"
+token = "{RELAY_TOKEN}"
+role = "relay"
+"#,
+        dir.display()
+    )
+}
+
+/// A running `steelyard broker` process.
+pub struct BrokerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl BrokerProcess {
+    /// Writes `config` to `dir/broker.toml` and starts the broker on it.
+    pub fn start(dir: &Path, config: &str) -> Self {
+        let path = dir.join("broker.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+            .args(["broker", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start steelyard broker");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(rest) = line.split("://").nth(1) {
+                    let _ = tx.send(rest.trim().to_owned());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a.parse().expect("listening address"),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the broker did not print its address within 30 s");
+            }
+        };
+        Self {
+            child,
+            addr,
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// SIGTERM, then wait (at most 10 s) for a clean exit.
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "broker exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the broker did not stop within 10 s of SIGTERM");
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 request; returns the status and the body.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .expect("HTTP response within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("HTTP status");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|x| x.1)
+        .unwrap_or("")
+        .to_owned();
+    (status, body)
+}
+
+/// `http` and parse the body as JSON.
+pub async fn http_json(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (status, body) = http(addr, method, path, token, body).await;
+    let value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{method} {path}: body is not JSON ({e}): {body}"));
+    (status, value)
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a raw WebSocket to `path`.
+pub async fn ws(addr: SocketAddr, path: &str) -> Ws {
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+        .await
+        .unwrap_or_else(|e| panic!("WebSocket to {path}: {e}"));
+    ws
+}
+
+pub async fn send_json<T: serde::Serialize>(ws: &mut Ws, message: &T) {
+    ws.send(Message::Text(api::encode(message).into()))
+        .await
+        .unwrap();
+}
+
+/// The next broker message, within 5 s; `None` when the socket closed.
+pub async fn recv(ws: &mut Ws) -> Option<BrokerMessage> {
+    recv_within(ws, Duration::from_secs(5)).await
+}
+
+pub async fn recv_within(ws: &mut Ws, within: Duration) -> Option<BrokerMessage> {
+    loop {
+        let next = tokio::time::timeout(within, ws.next())
+            .await
+            .expect("a broker message in time");
+        match next {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+            Some(Ok(Message::Text(t))) => {
+                return Some(
+                    api::decode_broker(&t, usize::MAX)
+                        .unwrap_or_else(|e| panic!("broker sent an invalid message {t}: {e}")),
+                )
+            }
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+/// The next message for which `pick` returns `Some`, skipping others (relay maps, report
+/// acknowledgements, early-report requests), within 5 s overall.
+pub async fn recv_where<T>(ws: &mut Ws, mut pick: impl FnMut(&BrokerMessage) -> Option<T>) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let m = recv_within(ws, left).await.expect("socket open");
+        if let Some(x) = pick(&m) {
+            return x;
+        }
+    }
+}
+
+/// Hello → challenge → auth as an agent. Returns the socket and the broker's verdict
+/// (welcome or error).
+pub async fn agent(
+    addr: SocketAddr,
+    id: &str,
+    k: &SigningKey,
+    token: Option<&str>,
+    auto_accept: bool,
+) -> (Ws, Result<api::Welcome, ApiError>) {
+    let mut ws = ws(addr, "/v1/agent").await;
+    send_json(
+        &mut ws,
+        &AgentMessage::Hello(AgentHello {
+            version: API_VERSION,
+            peer_id: id.into(),
+            public_key: api::public_key_hex(&k.verifying_key()),
+            enroll_token: token.map(Into::into),
+            auto_accept,
+        }),
+    )
+    .await;
+    let nonce = match recv(&mut ws).await {
+        Some(BrokerMessage::Challenge(c)) => c.nonce,
+        other => panic!("expected a challenge, got {other:?}"),
+    };
+    let proof: AuthProof = api::sign_auth(k, Role::Agent, id, &nonce).unwrap();
+    send_json(&mut ws, &AgentMessage::Auth(proof)).await;
+    let verdict = match recv(&mut ws).await {
+        Some(BrokerMessage::Welcome(w)) => Ok(w),
+        Some(BrokerMessage::Error(e)) => Err(e),
+        other => panic!("expected welcome or error, got {other:?}"),
+    };
+    (ws, verdict)
+}
+
+/// Same as [`agent`] for a relay.
+pub async fn relay(
+    addr: SocketAddr,
+    hello: RelayHello,
+    k: &SigningKey,
+) -> (Ws, Result<api::RelayWelcome, ApiError>) {
+    let mut ws = ws(addr, "/v1/relay").await;
+    let id = hello.relay_id.clone();
+    send_json(&mut ws, &RelayMessage::Hello(hello)).await;
+    let nonce = match recv(&mut ws).await {
+        Some(BrokerMessage::Challenge(c)) => c.nonce,
+        other => panic!("expected a challenge, got {other:?}"),
+    };
+    send_json(
+        &mut ws,
+        &RelayMessage::Auth(api::sign_auth(k, Role::Relay, &id, &nonce).unwrap()),
+    )
+    .await;
+    let verdict = match recv(&mut ws).await {
+        Some(BrokerMessage::RelayWelcome(w)) => Ok(w),
+        Some(BrokerMessage::Error(e)) => Err(e),
+        other => panic!("expected relay welcome or error, got {other:?}"),
+    };
+    (ws, verdict)
+}
+
+pub fn relay_hello(id: &str, n: u8) -> RelayHello {
+    RelayHello {
+        version: API_VERSION,
+        relay_id: id.into(),
+        public_key: key_hex(n),
+        enroll_token: None,
+        tcp_addr: None,
+        udp_addr: None,
+        location: None,
+        capacity: None,
+    }
+}
+
+/// Expects an error with `code` as the next message.
+pub async fn expect_error(ws: &mut Ws, code: api::ErrorCode) -> ApiError {
+    match recv(ws).await {
+        Some(BrokerMessage::Error(e)) if e.code == code => e,
+        other => panic!("expected a {code} error, got {other:?}"),
+    }
+}
