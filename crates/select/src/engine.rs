@@ -254,6 +254,18 @@ impl Selector {
         Ok(())
     }
 
+    /// Forgets one pending assignment made to `relay` at `at` (the session was refused or its
+    /// offer timed out, so it will never reach the relay). `false` if there was none.
+    pub fn release_assignment(&mut self, relay: &str, at: Timestamp) -> bool {
+        let Some(entry) = self.entry_mut(relay).and_then(Option::as_mut) else {
+            return false;
+        };
+        match entry.pending.iter().rposition(|t| *t == at) {
+            Some(i) => entry.pending.remove(i).is_some(),
+            None => false,
+        }
+    }
+
     /// Replaces a peer's report. Every path is checked (ranges; each relay named once and
     /// registered); a bad one refuses the whole report and the previous one stays.
     pub fn peer_report(&mut self, report: PeerReport) -> Result<(), UpdateError> {
@@ -330,6 +342,11 @@ impl Selector {
                 paths,
             }
         })
+    }
+
+    /// How many relays a peer's latest report covers (without copying the report).
+    pub fn peer_path_count(&self, peer: &str) -> Option<usize> {
+        self.peers.get(peer).map(|p| p.paths.len())
     }
 
     /// Forgets a peer.

@@ -784,3 +784,19 @@ fn bad_reports_are_refused_with_the_field_named() {
     let err = s.relay_report("nope", idle(), NOW).unwrap_err();
     assert!(err.to_string().contains("not registered"));
 }
+
+#[test]
+fn released_assignments_stop_counting() {
+    let mut s = world(&["r1"]);
+    let later = NOW.plus_ms(5);
+    s.record_assignment("r1", NOW).unwrap();
+    s.record_assignment("r1", later).unwrap();
+    assert_eq!(decide(&s).chosen().load.pending, 2);
+    // B refused the session assigned at `later`: it will never reach the relay.
+    assert!(s.release_assignment("r1", later));
+    assert_eq!(decide(&s).chosen().load.pending, 1);
+    assert!(!s.release_assignment("r1", later), "already released");
+    assert!(!s.release_assignment("nope", NOW));
+    assert_eq!(s.peer_path_count("a"), Some(1));
+    assert_eq!(s.peer_path_count("zed"), None);
+}
