@@ -12,11 +12,17 @@
 //! Each module keeps its decisions in a sans-I/O core (bytes and times in, bytes and results
 //! out) under a thin tokio layer.
 //!
-//! What this crate does **not** do yet: talk to the broker (registration, report schedule,
-//! connect requests, offers), hold an identity key on disk, or parse a configuration; when a
-//! relay fails, finding the next relay and its tickets is the caller's job. Those depend on
-//! the broker API and come next.
+//! * [`identity`]: the agent's Ed25519 key on disk and the Noise static keys derived from it.
+//! * [`config`]: the agent's TOML configuration.
+//! * [`daemon`]: the running agent: broker channel with reconnects, scheduled reports, offers
+//!   into local services, and the loopback control endpoint that `steelyard connect` uses.
+//!
+//! What this crate does **not** do yet: move a live daemon tunnel to another relay when its
+//! relay fails ([`resume`] exists but the daemon does not use it yet), or carry UDP services.
 
+pub mod config;
+pub mod daemon;
+pub mod identity;
 pub mod measure;
 pub mod resume;
 pub mod tunnel;

@@ -520,6 +520,7 @@ async fn run(
                     request_id: n + 1,
                     to: format!("peer-{to:05}"),
                     transport: TransportKind::Tcp,
+                    service: String::new(),
                 });
                 let sent = Instant::now();
                 sink.send(Message::Text(api::encode(&req).into()))
@@ -578,6 +579,7 @@ async fn echo(addr: SocketAddr, requests: u64, concurrency: u64) -> String {
         request_id: 123456,
         to: "peer-01234".into(),
         transport: TransportKind::Tcp,
+        service: String::new(),
     }));
     let per = requests / concurrency;
     let t = Instant::now();

@@ -112,6 +112,10 @@ pub struct ConnectPlan {
     pub relay_udp_addr: Option<String>,
     /// Whether B must answer before A gets its answer.
     pub reply_expected: bool,
+    /// A's Ed25519 public key as recorded at enrollment (hex), for B's offer.
+    pub a_public_key: String,
+    /// B's Ed25519 public key as recorded at enrollment (hex), for A's answer.
+    pub b_public_key: String,
 }
 
 /// A peer as the admin API shows it.
@@ -656,6 +660,12 @@ impl Core {
                 "a peer cannot connect to itself".into(),
             );
         }
+        if !req.service.is_empty() && !is_valid_id(&req.service) {
+            return fail(
+                ErrorCode::BadMessage,
+                "service must be 1 to 64 bytes of [A-Za-z0-9._-], or empty".into(),
+            );
+        }
         let b_conn = match self.peers.get(&req.to) {
             None => return fail(ErrorCode::UnknownPeer, format!("no peer named {}", req.to)),
             Some(b) if b.record.revoked => {
@@ -725,6 +735,12 @@ impl Core {
             relay_tcp_addr: relay_state.record.tcp_addr.clone(),
             relay_udp_addr: relay_state.record.udp_addr.clone(),
             reply_expected: !b_auto,
+            a_public_key: self
+                .peers
+                .get(from)
+                .map(|p| p.record.public_key.clone())
+                .unwrap_or_default(),
+            b_public_key: self.peers[&req.to].record.public_key.clone(),
         };
         let record = SessionRecord {
             id: session_id.to_string(),

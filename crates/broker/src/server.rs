@@ -1181,6 +1181,7 @@ fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: T
         transport: req.transport,
         ticket: hex::encode(&ticket_a),
         expires_at: plan.ticket_a.expires_at,
+        peer_key: plan.b_public_key,
     };
     let offer = Offer {
         session_id: session_id.to_string(),
@@ -1192,6 +1193,8 @@ fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: T
         ticket: hex::encode(&ticket_b),
         expires_at: plan.ticket_b.expires_at,
         reply_expected: plan.reply_expected,
+        service: req.service.clone(),
+        peer_key: plan.a_public_key,
     };
     if plan.reply_expected {
         shared.with_core(|c| c.park_answer(session_id, answer));

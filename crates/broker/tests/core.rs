@@ -234,6 +234,7 @@ fn connect_follows_the_selector_and_issues_both_tickets() {
         request_id: 9,
         to: "bob".into(),
         transport: TransportKind::Tcp,
+        service: String::new(),
     };
     let plan = c
         .connect("alice", 1, &req, SessionId([3; 16]), Timestamp(T0 + 10))
@@ -302,6 +303,7 @@ fn connect_errors_are_clear() {
         request_id: 1,
         to: to.into(),
         transport: TransportKind::Tcp,
+        service: String::new(),
     };
     let code = |c: &mut Core, to: &str| {
         c.connect("alice", 1, &req(to), SessionId([1; 16]), Timestamp(T0))
@@ -339,6 +341,7 @@ fn offers_wait_for_b_and_time_out() {
         request_id: 5,
         to: "bob".into(),
         transport: TransportKind::Tcp,
+        service: String::new(),
     };
     let plan = c
         .connect("alice", 1, &req, SessionId([1; 16]), Timestamp(T0))
@@ -354,6 +357,7 @@ fn offers_wait_for_b_and_time_out() {
         transport: TransportKind::Tcp,
         ticket: "00".into(),
         expires_at: 1,
+        peer_key: String::new(),
     };
     c.park_answer(SessionId([1; 16]), answer.clone());
     // Only B may answer.

@@ -209,6 +209,10 @@ pub struct ConnectRequest {
     /// The transport needed.
     #[serde(default)]
     pub transport: TransportKind,
+    /// The service asked for on the peer (a name from its `[services]`); empty when the
+    /// session is not for a named service. Passed to the other peer in [`Offer::service`].
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
 }
 
 /// Accept or refuse an offer.
@@ -502,6 +506,11 @@ pub struct ConnectAnswer {
     pub ticket: String,
     /// When the ticket expires, unix seconds.
     pub expires_at: u64,
+    /// The other peer's Ed25519 public key (64 hex digits), as the broker recorded it when the
+    /// peer enrolled: the broker vouches for it. The agents derive their Noise static keys
+    /// from it (see `steelyard_agent::identity`). Empty from brokers that predate this field.
+    #[serde(default)]
+    pub peer_key: String,
 }
 
 /// Another peer asks for a session; the ticket is for this side (B).
@@ -528,6 +537,13 @@ pub struct Offer {
     pub expires_at: u64,
     /// Whether the broker waits for an [`OfferReply`] (false when the agent auto-accepts).
     pub reply_expected: bool,
+    /// The service the initiator asked for ([`ConnectRequest::service`]); empty when none.
+    #[serde(default)]
+    pub service: String,
+    /// The initiator's Ed25519 public key (64 hex digits), as the broker recorded it: the
+    /// broker vouches for it. Empty from brokers that predate this field.
+    #[serde(default)]
+    pub peer_key: String,
 }
 
 /// What went wrong. Codes are stable; messages are for people.
@@ -823,6 +839,31 @@ mod tests {
             decode_agent(&big, 50).unwrap_err().code,
             ErrorCode::TooLarge
         );
+    }
+
+    #[test]
+    fn service_and_peer_key_are_optional_on_the_wire() {
+        let old = r#"{"type":"connect","request_id":1,"to":"b"}"#;
+        match decode_agent(old, MAX_MESSAGE_BYTES).unwrap() {
+            AgentMessage::Connect(c) => assert_eq!(c.service, ""),
+            other => panic!("{other:?}"),
+        }
+        let offer = r#"{"type":"offer","session_id":"s","from":"a","relay_id":"r",
+            "transport":"tcp","ticket":"00","expires_at":1,"reply_expected":true}"#;
+        match decode_broker(offer, MAX_MESSAGE_BYTES).unwrap() {
+            BrokerMessage::Offer(o) => {
+                assert_eq!((o.service.as_str(), o.peer_key.as_str()), ("", ""))
+            }
+            other => panic!("{other:?}"),
+        }
+        let req = AgentMessage::Connect(ConnectRequest {
+            request_id: 2,
+            to: "b".into(),
+            transport: TransportKind::Tcp,
+            service: "ssh".into(),
+        });
+        assert!(encode(&req).contains(r#""service":"ssh""#));
+        assert_eq!(decode_agent(&encode(&req), MAX_MESSAGE_BYTES).unwrap(), req);
     }
 
     #[test]

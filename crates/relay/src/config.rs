@@ -25,10 +25,12 @@
 //! region = "eu-central"
 //! ```
 //!
-//! See [`Limits`], [`ProbeConfig`] and [`DrainConfig`] for the remaining sections.
+//! See [`Limits`], [`ProbeConfig`] and [`DrainConfig`] for the remaining sections, and
+//! [`BrokerLinkConfig`] for `[broker]`: where the relay reports its load (without it the relay
+//! runs standalone and reports only on its own `/status`).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
@@ -86,6 +88,118 @@ pub struct RelayConfig {
     /// Graceful drain settings.
     #[serde(default)]
     pub drain: DrainConfig,
+    /// The broker this relay reports to; `None` runs standalone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerLinkConfig>,
+}
+
+/// `[broker]`: the broker's relay WebSocket, and how this relay proves who it is there.
+///
+/// ```toml
+/// [broker]
+/// url = "wss://broker.example.net:7443/v1/relay"
+/// identity_key_file = "/var/lib/steelyard/relay-identity.key"  # created (0600) on first start
+/// enroll_token = "..."          # only needed until the broker knows this relay
+/// ca_cert = "/etc/steelyard/broker-ca.pem"   # wss only; default: the system's CA bundle
+/// report_interval_ms = 1000     # used when the broker's welcome sets no interval
+/// advertise_tcp = "203.0.113.7:7400"   # default: the bound TCP address unless 0.0.0.0/[::]
+/// advertise_udp = "203.0.113.7:7401"   # default: the bound UDP address unless 0.0.0.0/[::]
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerLinkConfig {
+    /// `ws://host:port/v1/relay` or `wss://host:port/v1/relay`.
+    pub url: String,
+    /// File holding the relay's Ed25519 identity seed (64 hex digits); created with mode 0600
+    /// on first start. A file readable by group or others is refused.
+    #[serde(default = "default_identity_key_file")]
+    pub identity_key_file: PathBuf,
+    /// A relay enrollment token, for a relay the broker does not know yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_token: Option<String>,
+    /// PEM file of the CA(s) that signed the broker's certificate (wss only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    /// Load report interval when the broker's welcome does not set one, milliseconds.
+    #[serde(default = "default_report_interval_ms")]
+    pub report_interval_ms: u64,
+    /// The TCP address peers should dial (`host:port`), sent in the hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_tcp: Option<String>,
+    /// The UDP address peers should use for sessions and probes (`host:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_udp: Option<String>,
+}
+
+fn default_identity_key_file() -> PathBuf {
+    PathBuf::from("relay-identity.key")
+}
+
+fn default_report_interval_ms() -> u64 {
+    1_000
+}
+
+impl BrokerLinkConfig {
+    /// A section for `url` with every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            identity_key_file: default_identity_key_file(),
+            enroll_token: None,
+            ca_cert: None,
+            report_interval_ms: default_report_interval_ms(),
+            advertise_tcp: None,
+            advertise_udp: None,
+        }
+    }
+
+    /// Whether the URL asks for TLS (`wss://`).
+    pub fn is_tls(&self) -> bool {
+        self.url.trim().to_ascii_lowercase().starts_with("wss://")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: String| Err(ConfigError::Invalid { field, reason });
+        let url = self.url.trim().to_ascii_lowercase();
+        let rest = url
+            .strip_prefix("ws://")
+            .or_else(|| url.strip_prefix("wss://"));
+        match rest {
+            Some(r) if !r.is_empty() && !r.starts_with('/') => {}
+            _ => {
+                return invalid(
+                    "broker.url",
+                    format!(
+                        "{:?} is not a ws:// or wss:// URL with a host, e.g. \
+                         wss://broker.example.net:7443/v1/relay",
+                        self.url
+                    ),
+                )
+            }
+        }
+        if self.ca_cert.is_some() && !self.is_tls() {
+            return invalid(
+                "broker.ca_cert",
+                "only used with a wss:// URL; remove it or use wss://".into(),
+            );
+        }
+        if self.identity_key_file.as_os_str().is_empty() {
+            return invalid("broker.identity_key_file", "must not be empty".into());
+        }
+        if self.enroll_token.as_deref().is_some_and(str::is_empty) {
+            return invalid(
+                "broker.enroll_token",
+                "must not be empty (omit it when the broker already knows this relay)".into(),
+            );
+        }
+        if !(100..=3_600_000).contains(&self.report_interval_ms) {
+            return invalid(
+                "broker.report_interval_ms",
+                "must be between 100 and 3600000".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Listen addresses. Port 0 picks a free port (see the relay's bound addresses).
@@ -285,6 +399,9 @@ impl RelayConfig {
                 "must be at least 1",
             ));
         }
+        if let Some(b) = &self.broker {
+            b.validate()?;
+        }
         Ok(keys)
     }
 }
@@ -339,5 +456,47 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("relay_id"));
         let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"ab\"").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("hex"));
+    }
+
+    #[test]
+    fn broker_section() {
+        let head = format!("relay_id = \"r1\"\nbroker_keys = [\"{KEY}\"]\n");
+        let c = RelayConfig::from_toml(&head).unwrap();
+        assert!(c.broker.is_none());
+        let c = RelayConfig::from_toml(&format!(
+            "{head}[broker]\nurl = \"ws://127.0.0.1:1/v1/relay\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        let b = c.broker.unwrap();
+        assert_eq!(b.report_interval_ms, 1000);
+        assert_eq!(b.identity_key_file, PathBuf::from("relay-identity.key"));
+        assert!(!b.is_tls());
+        let e = RelayConfig::from_toml(&format!("{head}[broker]\nurl = \"ws://h\"\nurll = 1\n"))
+            .unwrap_err();
+        assert!(e.to_string().contains("urll"), "{e}");
+        for (extra, field) in [
+            ("url = \"http://h/v1/relay\"", "broker.url"),
+            ("url = \"ws:///v1/relay\"", "broker.url"),
+            ("url = \"ws://h\"\nca_cert = \"ca.pem\"", "broker.ca_cert"),
+            (
+                "url = \"ws://h\"\nreport_interval_ms = 5",
+                "broker.report_interval_ms",
+            ),
+            (
+                "url = \"ws://h\"\nenroll_token = \"\"",
+                "broker.enroll_token",
+            ),
+        ] {
+            let c = RelayConfig::from_toml(&format!("{head}[broker]\n{extra}\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        let c = RelayConfig::from_toml(&format!(
+            "{head}[broker]\nurl = \"wss://h:1/v1/relay\"\nca_cert = \"ca.pem\"\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert!(c.broker.unwrap().is_tls());
     }
 }

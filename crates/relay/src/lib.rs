@@ -15,10 +15,15 @@
 //! [`limit`]. The I/O layer ([`server`]) is tokio and Linux-specific (`splice(2)`,
 //! `IP_RECVTTL`).
 //!
-//! What it does **not** do: talk to the broker (load is reported on its own `/status` until the
-//! broker's WebSocket exists), parse command lines, or install signal handlers (the `steelyard`
-//! binary does; see [`RelayHandle::drain`]).
+//! * The broker link ([`broker_link`]): with a `[broker]` section, a WebSocket to the broker's
+//!   `/v1/relay`, authenticated with the relay's Ed25519 identity, over which it streams its
+//!   load (and draining at once); reconnects by itself with bounded backoff.
+//!
+//! What it does **not** do: parse command lines, or install signal handlers (the `steelyard`
+//! binary does; see [`RelayHandle::drain`]). Without a `[broker]` section it reports load only
+//! on its own `/status`.
 
+pub mod broker_link;
 pub mod client;
 pub mod config;
 pub mod limit;

@@ -1,7 +1,9 @@
 //! `steelyard`: one thin binary with a subcommand per role. Each subcommand parses its flags and
 //! hands over to a library crate; no logic lives here beyond wiring and printing.
 
+mod agent;
 mod broker;
+mod connect;
 mod demo;
 mod measure;
 mod relay;
@@ -29,6 +31,11 @@ enum Command {
     Measure(measure::MeasureArgs),
     /// Run a relay: pair brokered sessions by ticket and forward their traffic.
     Relay(relay::RelayArgs),
+    /// Run a peer's agent: broker channel, scheduled measurements, offers into local services.
+    Agent(agent::AgentArgs),
+    /// Listen locally and tunnel every connection to a service on another peer, through the
+    /// running agent.
+    Connect(connect::ConnectArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,5 +44,7 @@ fn main() -> anyhow::Result<()> {
         Command::Broker(args) => broker::run(args),
         Command::Measure(args) => measure::run(args),
         Command::Relay(args) => relay::run(args),
+        Command::Agent(args) => agent::run(args),
+        Command::Connect(args) => connect::run(args),
     }
 }

@@ -192,6 +192,7 @@ async fn connect_end_to_end() {
             request_id: 1,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;
@@ -249,6 +250,7 @@ async fn connect_end_to_end() {
             request_id: 2,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;
@@ -309,6 +311,7 @@ async fn connect_end_to_end() {
             request_id: 3,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;
@@ -403,6 +406,7 @@ async fn connect_end_to_end() {
             request_id: 4,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;
@@ -466,6 +470,7 @@ async fn auto_accept_answers_at_once_and_drain_moves_sessions() {
             request_id: 1,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;

@@ -51,6 +51,7 @@ async fn still_works(alice: &mut Ws, request_id: u64) {
             request_id,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;
@@ -104,6 +105,7 @@ auth_timeout_secs = 1
             request_id: 1,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;
@@ -168,6 +170,7 @@ auth_timeout_secs = 1
                 request_id: 1000 + i,
                 to: "bob".into(),
                 transport: TransportKind::Tcp,
+                service: String::new(),
             }),
         )
         .await;

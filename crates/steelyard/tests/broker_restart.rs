@@ -82,6 +82,7 @@ async fn restart_keeps_everything_durable() {
             request_id: 1,
             to: "bob".into(),
             transport: TransportKind::Tcp,
+            service: String::new(),
         }),
     )
     .await;

@@ -1,0 +1,209 @@
+//! The agent's TOML configuration (`steelyard agent --config agent.toml`).
+//!
+//! ```toml
+//! broker = "wss://broker.example.net:7443"   # or ws://… for a plain-HTTP broker
+//! ca_file = "/etc/steelyard/ca.pem"          # optional: trust this CA for wss
+//! enroll_token = "…"                         # needed on first contact only
+//! peer_id = "laptop"
+//! key_file = "/var/lib/steelyard/agent.key"  # created (0600) on first start
+//! control = "127.0.0.1:7450"                 # where `steelyard connect` reaches this agent
+//!
+//! [location]                                 # optional
+//! lat = 48.1
+//! lon = 11.6
+//! region = "eu-central"
+//!
+//! [services]                                 # what peers may reach through this agent
+//! http = "127.0.0.1:8080"
+//!
+//! [offers]                                   # which peers may connect; default: everyone
+//! allow = ["office-pc"]
+//! ```
+//!
+//! Unknown keys are errors. What this module does not do: read flags or the environment
+//! (the binary applies those on top).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use steelyard_proto::api::GeoLocation;
+
+/// Default control endpoint.
+pub const DEFAULT_CONTROL: &str = "127.0.0.1:7450";
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("agent config {path}: {source}; check the path")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has unknown keys.
+    #[error("agent config {path} is not valid: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What the parser said.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("agent config: {0}")]
+    Invalid(String),
+}
+
+/// Which offers the agent accepts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferPolicy {
+    /// Peers allowed to connect; empty (the default) accepts every peer the broker vouches for.
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// The agent's whole configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The broker's base URL: `ws://host:port` or `wss://host:port` (`http`/`https` also work).
+    pub broker: String,
+    /// A PEM file of CA certificates to trust for `wss` (instead of none: there is no built-in
+    /// root store).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Enrollment token, needed the first time this peer connects.
+    #[serde(default)]
+    pub enroll_token: Option<String>,
+    /// This peer's name.
+    pub peer_id: String,
+    /// The identity key file; created with mode 0600 when missing.
+    pub key_file: PathBuf,
+    /// Where the agent is.
+    #[serde(default)]
+    pub location: Option<GeoLocation>,
+    /// Loopback address of the control endpoint for `steelyard connect`.
+    #[serde(default = "default_control")]
+    pub control: SocketAddr,
+    /// Service name → local address, reachable by peers through tunnels.
+    #[serde(default)]
+    pub services: BTreeMap<String, SocketAddr>,
+    /// Which offers to accept.
+    #[serde(default)]
+    pub offers: OfferPolicy,
+}
+
+fn default_control() -> SocketAddr {
+    // A constant that parses.
+    DEFAULT_CONTROL
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 7450)))
+}
+
+impl AgentConfig {
+    /// Parses `text` (named `origin` in errors) and validates it.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Checks every value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use steelyard_proto::ticket::is_valid_id;
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !is_valid_id(&self.peer_id) {
+            return bad(format!(
+                "peer_id {:?} must be 1 to 64 bytes of [A-Za-z0-9._-]",
+                self.peer_id
+            ));
+        }
+        if broker_ws_url(&self.broker).is_none() {
+            return bad(format!(
+                "broker {:?} must start with ws://, wss://, http:// or https://",
+                self.broker
+            ));
+        }
+        if !self.control.ip().is_loopback() {
+            return bad(format!(
+                "control {} must be a loopback address: anyone who reaches it can open tunnels as this peer",
+                self.control
+            ));
+        }
+        for name in self.services.keys() {
+            if !is_valid_id(name) {
+                return bad(format!(
+                    "service name {name:?} must be 1 to 64 bytes of [A-Za-z0-9._-]"
+                ));
+            }
+        }
+        for p in &self.offers.allow {
+            if !is_valid_id(p) {
+                return bad(format!("offers.allow: {p:?} is not a peer id"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent WebSocket URL for broker base URL `base`, or `None` for an unknown scheme.
+pub fn broker_ws_url(base: &str) -> Option<String> {
+    let base = base.trim_end_matches('/');
+    let (scheme, rest) = base.split_once("://")?;
+    let scheme = match scheme {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        _ => return None,
+    };
+    if rest.is_empty() {
+        return None;
+    }
+    Some(format!("{scheme}://{rest}/v1/agent"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+broker = "ws://127.0.0.1:7400"
+peer_id = "b"
+key_file = "/tmp/b.key"
+[services]
+http = "127.0.0.1:8080"
+[offers]
+allow = ["a"]
+"#;
+
+    #[test]
+    fn parses_and_rejects() {
+        let c = AgentConfig::parse(GOOD, "t").unwrap();
+        assert_eq!(c.control.to_string(), DEFAULT_CONTROL);
+        assert_eq!(c.services["http"].port(), 8080);
+        assert!(AgentConfig::parse(&format!("{GOOD}\nnope = 1"), "t").is_err());
+        let e = AgentConfig::parse(&GOOD.replace("ws://", "ftp://"), "t").unwrap_err();
+        assert!(e.to_string().contains("must start with"), "{e}");
+        let e = AgentConfig::parse(&format!("control = \"0.0.0.0:1\"\n{GOOD}"), "t").unwrap_err();
+        assert!(e.to_string().contains("loopback"), "{e}");
+        assert_eq!(
+            broker_ws_url("https://b.example:7443/").as_deref(),
+            Some("wss://b.example:7443/v1/agent")
+        );
+    }
+}

@@ -1,0 +1,1053 @@
+//! The agent daemon: keeps the broker channel up, reports measurements on the broker's
+//! schedule, accepts offers into the local services, and opens tunnels for local clients.
+//!
+//! * **Broker channel.** One WebSocket to `/v1/agent`: hello → challenge → signed auth →
+//!   welcome (schedule, relay map, ticket keys). Dropped channels are re-opened with
+//!   exponential backoff and jitter ([`Backoff`]).
+//! * **Reports.** The relay map (assembled from its pages by [`RelayMapPages`]) is measured with
+//!   [`measure::measure_all`] every `interval_ms` plus a random share of `jitter_ms`, at once
+//!   after a relay-map change, and when the broker sends `report_now`.
+//! * **Offers.** [`decide_offer`] applies the offer policy and the `[services]` table; an
+//!   accepted offer dials the relay with its ticket, runs the Noise KK tunnel as responder
+//!   (binding = session id, peer key = the one the broker vouches for, see [`identity`]),
+//!   connects to the local service and bridges. A refused offer is answered with the reason.
+//! * **Control endpoint** (loopback TCP, [`AgentConfig::control`]). A client (`steelyard
+//!   connect`, or [`open_via_agent`]) sends one JSON line [`ControlRequest`]; the agent asks the
+//!   broker, dials the relay, runs the tunnel as initiator and answers one JSON line
+//!   [`ControlReply`]; after an `ok` reply the control connection *is* the tunnel's plaintext
+//!   end. So the identity key never leaves the agent.
+//! * **Session end.** Each side sends `session_ended` with the bytes moved. The initiator adds
+//!   the end-to-end RTT (the Noise KK handshake is exactly one round trip A → relay → B →
+//!   relay → A) and, for tunnels that moved at least [`GOODPUT_MIN_BYTES`], the average
+//!   goodput.
+//!
+//! What this module does **not** do (yet): UDP services (offers for UDP are refused), moving
+//! live tunnels to another relay (see [`crate::resume`]; a tunnel whose relay dies closes with
+//! an error), trigger reports on RTT changes, or authenticate control clients beyond requiring
+//! a loopback address.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use futures_util::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use steelyard_proto::api::{
+    self, AgentHello, AgentMessage, AgentReport, ApiError, BrokerMessage, ConnectAnswer,
+    ConnectRequest, EndToEndReport, ErrorCode, Offer, OfferReply, PathReport, RelayMapEntry,
+    Role as AuthRole, SessionEnded, TransportKind, API_VERSION,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use crate::config::{broker_ws_url, AgentConfig};
+use crate::identity::{self, IdentityError};
+use crate::measure::{self, MeasureConfig, RelayTarget};
+use crate::tunnel::{self, Role, StaticKeypair, Tunnel, TunnelConfig};
+
+/// Longest control request or reply line, bytes.
+pub const MAX_CONTROL_LINE: usize = 4096;
+/// Most tunnels (both directions together) at once; more are refused.
+pub const MAX_TUNNELS: usize = 1024;
+/// Most connect requests waiting for the broker at once.
+pub const MAX_PENDING_CONNECTS: usize = 256;
+/// Tunnels that moved fewer bytes report no goodput (too short to mean anything).
+pub const GOODPUT_MIN_BYTES: u64 = 64 * 1024;
+/// How long a connect request waits for the broker's answer (the other peer may be asked).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a side waits at the relay for its partner.
+pub const PAIR_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest Noise handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Messages queued towards the broker.
+const OUT_QUEUE: usize = 256;
+
+/// The daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The identity key could not be loaded or created.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The control endpoint could not be bound.
+    #[error("cannot listen on the control address {addr}: {source}; pick a free loopback port in `control`")]
+    Control {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+/// One broker session failed; the daemon reconnects after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("cannot reach the broker at {0}: {1}")]
+    Connect(String, String),
+    #[error("the broker refused this agent: {0}")]
+    Refused(ApiError),
+    #[error("the broker closed the channel")]
+    Closed,
+    #[error("broker channel: {0}")]
+    Ws(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sans-I/O pieces
+
+/// Reconnect delays: doubling from `base` up to `max`, each with up to 50 % random jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `base`, capped at `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Self {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The delay before the next attempt; `random` supplies the jitter (any value).
+    pub fn next_delay(&mut self, random: u64) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let jitter_ms = (exp.as_millis() as u64 / 2).max(1);
+        exp + Duration::from_millis(random % jitter_ms)
+    }
+
+    /// A session got through: start from `base` again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Assembles the paged relay map: page 0 starts a new map, which replaces the current one
+/// once its last page has arrived.
+#[derive(Debug, Clone, Default)]
+pub struct RelayMapPages {
+    current: Vec<RelayMapEntry>,
+    building: Vec<RelayMapEntry>,
+    expected: u32,
+    next_page: u32,
+}
+
+impl RelayMapPages {
+    /// Starts from the welcome's first page of `pages`.
+    pub fn new(first: Vec<RelayMapEntry>, pages: u32) -> Self {
+        let mut s = Self::default();
+        s.page(first, 0, pages);
+        s
+    }
+
+    /// Takes one page; returns `true` when it completed a new map.
+    pub fn page(&mut self, relays: Vec<RelayMapEntry>, page: u32, pages: u32) -> bool {
+        if page == 0 {
+            self.building.clear();
+            self.expected = pages.max(1);
+            self.next_page = 0;
+        }
+        if page != self.next_page || page >= self.expected {
+            return false; // out of order: wait for the next page 0
+        }
+        // Bounded: at most `pages` pages of at most RELAY_MAP_PAGE relays each, and the broker
+        // limits the map; cap anyway so a broken broker cannot grow this without end.
+        let room = 64 * api::RELAY_MAP_PAGE - self.building.len().min(64 * api::RELAY_MAP_PAGE);
+        self.building.extend(relays.into_iter().take(room));
+        self.next_page += 1;
+        if self.next_page == self.expected {
+            self.current = std::mem::take(&mut self.building);
+            return true;
+        }
+        false
+    }
+
+    /// The complete map.
+    pub fn relays(&self) -> &[RelayMapEntry] {
+        &self.current
+    }
+}
+
+/// The measurement targets of a relay map: relays with a TCP address that parses (names are
+/// not resolved here); the probe address is the UDP address when it parses.
+pub fn targets(relays: &[RelayMapEntry]) -> Vec<RelayTarget> {
+    relays
+        .iter()
+        .filter_map(|r| {
+            let tcp: SocketAddr = r.tcp_addr.as_deref()?.parse().ok()?;
+            Some(RelayTarget {
+                id: r.id.as_str().into(),
+                probe: r.udp_addr.as_deref().and_then(|a| a.parse().ok()),
+                tcp,
+            })
+        })
+        .collect()
+}
+
+/// Whether to accept an offer from `from` for `service`, and if so, where the service is.
+/// The `Err` is the reason sent back to the initiator.
+pub fn decide_offer(
+    cfg: &AgentConfig,
+    from: &str,
+    service: &str,
+    transport: TransportKind,
+) -> Result<SocketAddr, String> {
+    if !cfg.offers.allow.is_empty() && !cfg.offers.allow.iter().any(|p| p == from) {
+        return Err(format!(
+            "peer {from} is not in {}'s offers.allow list",
+            cfg.peer_id
+        ));
+    }
+    if transport != TransportKind::Tcp {
+        return Err("this agent exposes TCP services only".into());
+    }
+    if service.is_empty() {
+        return Err("no service named in the request; name one of the peer's [services]".into());
+    }
+    cfg.services.get(service).copied().ok_or_else(|| {
+        let names: Vec<&str> = cfg.services.keys().map(String::as_str).collect();
+        format!(
+            "{} exposes no service {service:?} (it exposes: {})",
+            cfg.peer_id,
+            if names.is_empty() {
+                "none".to_owned()
+            } else {
+                names.join(", ")
+            }
+        )
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control protocol
+
+/// What a control client asks: a tunnel to `service` on `peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlRequest {
+    /// The peer to reach.
+    pub peer: String,
+    /// The service on that peer.
+    pub service: String,
+}
+
+/// The agent's answer; after `ok: true` the connection carries the tunnel's plaintext.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlReply {
+    /// Whether the tunnel is up.
+    pub ok: bool,
+    /// The session id, when up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// The relay carrying it, when up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
+    /// What went wrong and what to do, when not up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A control client's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The agent's control endpoint could not be reached.
+    #[error("cannot reach the agent's control endpoint {addr}: {source}; is `steelyard agent` running with that `control` address?")]
+    Unreachable {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The agent answered with an error.
+    #[error("the agent could not open the tunnel: {0}")]
+    Refused(String),
+    /// The agent's answer was malformed or cut short.
+    #[error("the agent's control endpoint answered badly: {0}")]
+    Protocol(String),
+}
+
+/// Reads one `\n`-terminated line of at most [`MAX_CONTROL_LINE`] bytes, byte by byte so that
+/// nothing after the line is consumed.
+async fn read_line<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<String> {
+    let mut line = Vec::with_capacity(128);
+    loop {
+        let b = r.read_u8().await?;
+        if b == b'\n' {
+            return String::from_utf8(line)
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8"));
+        }
+        if line.len() >= MAX_CONTROL_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "line too long",
+            ));
+        }
+        line.push(b);
+    }
+}
+
+async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(v).map_err(std::io::Error::other)?;
+    text.push('\n');
+    w.write_all(text.as_bytes()).await
+}
+
+/// Asks the agent at `control` for a tunnel to `service` on `peer`. On success returns the
+/// connection, which from then on carries the service's bytes, and the agent's reply.
+pub async fn open_via_agent(
+    control: SocketAddr,
+    peer: &str,
+    service: &str,
+) -> Result<(TcpStream, ControlReply), ControlError> {
+    let mut s = TcpStream::connect(control)
+        .await
+        .map_err(|source| ControlError::Unreachable {
+            addr: control,
+            source,
+        })?;
+    let _ = s.set_nodelay(true);
+    let req = ControlRequest {
+        peer: peer.to_owned(),
+        service: service.to_owned(),
+    };
+    write_json(&mut s, &req)
+        .await
+        .map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let line = read_line(&mut s)
+        .await
+        .map_err(|e| ControlError::Protocol(format!("no reply line: {e}")))?;
+    let reply: ControlReply =
+        serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line}")))?;
+    if !reply.ok {
+        return Err(ControlError::Refused(
+            reply.error.unwrap_or_else(|| "no reason given".into()),
+        ));
+    }
+    Ok((s, reply))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon
+
+struct Shared {
+    cfg: AgentConfig,
+    key: SigningKey,
+    noise: StaticKeypair,
+    out: Mutex<Option<mpsc::Sender<AgentMessage>>>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<ConnectAnswer, ApiError>>>>,
+    next_id: AtomicU64,
+    tunnels: Arc<Semaphore>,
+    measure: MeasureConfig,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b)
+}
+
+/// A configured agent with its control endpoint bound; [`Agent::run`] runs it.
+pub struct Agent {
+    shared: Arc<Shared>,
+    control: TcpListener,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("peer_id", &self.shared.cfg.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Validates `cfg`, loads (or creates) the identity key and binds the control endpoint.
+    pub async fn bind(cfg: AgentConfig) -> Result<Self, DaemonError> {
+        cfg.validate()?;
+        let key = identity::load_or_create(&cfg.key_file)?;
+        let control =
+            TcpListener::bind(cfg.control)
+                .await
+                .map_err(|source| DaemonError::Control {
+                    addr: cfg.control,
+                    source,
+                })?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                noise: identity::noise_keypair(&key),
+                key,
+                cfg,
+                out: Mutex::new(None),
+                pending: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
+                measure: MeasureConfig::default(),
+            }),
+            control,
+        })
+    }
+
+    /// The bound control address.
+    pub fn control_addr(&self) -> std::io::Result<SocketAddr> {
+        self.control.local_addr()
+    }
+
+    /// This agent's Ed25519 public key, hex (what the broker records at enrollment).
+    pub fn public_key_hex(&self) -> String {
+        api::public_key_hex(&self.shared.key.verifying_key())
+    }
+
+    /// Runs until `shutdown` completes: the broker channel (reconnecting) and the control
+    /// endpoint. Live tunnels are not waited for.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let shared = self.shared;
+        let control = tokio::spawn(control_loop(shared.clone(), self.control));
+        let broker = tokio::spawn(broker_loop(shared));
+        shutdown.await;
+        control.abort();
+        broker.abort();
+    }
+}
+
+async fn broker_loop(shared: Arc<Shared>) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+    loop {
+        let started = Instant::now();
+        let result = broker_session(&shared).await;
+        *lock(&shared.out) = None;
+        for (id, tx) in lock(&shared.pending).drain() {
+            let _ = tx.send(Err(ApiError::new(
+                ErrorCode::Internal,
+                "the broker channel dropped before the answer came; retry",
+            )
+            .for_request(id)));
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay(random_u64());
+        match result {
+            Ok(()) | Err(SessionError::Closed) => {
+                tracing::warn!(retry_in = ?delay, "broker channel closed; reconnecting")
+            }
+            Err(e) => tracing::warn!(retry_in = ?delay, "{e}"),
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+fn host_port(url: &str) -> Option<(String, u16, bool)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let tls = scheme == "wss";
+    let authority = rest.split('/').next()?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => match p.parse() {
+            Ok(p) => (h, p),
+            Err(_) => (authority, if tls { 443 } else { 80 }),
+        },
+        _ => (authority, if tls { 443 } else { 80 }),
+    };
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+        tls,
+    ))
+}
+
+async fn broker_session(shared: &Arc<Shared>) -> Result<(), SessionError> {
+    let base = &shared.cfg.broker;
+    let url =
+        broker_ws_url(base).ok_or_else(|| SessionError::Connect(base.clone(), "bad URL".into()))?;
+    let (host, port, tls) =
+        host_port(&url).ok_or_else(|| SessionError::Connect(url.clone(), "bad URL".into()))?;
+    let fail = |e: String| SessionError::Connect(url.clone(), e);
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    let _ = tcp.set_nodelay(true);
+    if !tls {
+        let (ws, _) = tokio_tungstenite::client_async(&url, tcp)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        return channel(shared, ws).await;
+    }
+    let Some(ca) = &shared.cfg.ca_file else {
+        return Err(fail(
+            "wss needs `ca_file` (the PEM of the CA that signed the broker's certificate)".into(),
+        ));
+    };
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca)
+        .map_err(|e| fail(format!("ca_file {}: {e}", ca.display())))?;
+    for c in certs {
+        let c = c.map_err(|e| fail(format!("ca_file {}: {e}", ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| fail(format!("ca_file {}: {e}", ca.display())))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| fail(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(host.clone())
+        .map_err(|e| fail(format!("server name {host}: {e}")))?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| fail(format!("TLS: {e}")))?;
+    let (ws, _) = tokio_tungstenite::client_async(&url, stream)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
+    channel(shared, ws).await
+}
+
+async fn recv_broker<S>(ws: &mut WebSocketStream<S>) -> Result<BrokerMessage, SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match ws.next().await {
+            None | Some(Ok(Message::Close(_))) => return Err(SessionError::Closed),
+            Some(Err(e)) => return Err(SessionError::Ws(e.to_string())),
+            Some(Ok(Message::Text(t))) => {
+                return api::decode_broker(&t, api::MAX_MESSAGE_BYTES)
+                    .map_err(|e| SessionError::Ws(format!("bad message from the broker: {e}")))
+            }
+            Some(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn send_ws<S>(ws: &mut WebSocketStream<S>, m: &AgentMessage) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    ws.send(Message::Text(api::encode(m).into()))
+        .await
+        .map_err(|e| SessionError::Ws(e.to_string()))
+}
+
+async fn channel<S>(shared: &Arc<Shared>, mut ws: WebSocketStream<S>) -> Result<(), SessionError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let cfg = &shared.cfg;
+    send_ws(
+        &mut ws,
+        &AgentMessage::Hello(AgentHello {
+            version: API_VERSION,
+            peer_id: cfg.peer_id.clone(),
+            public_key: api::public_key_hex(&shared.key.verifying_key()),
+            enroll_token: cfg.enroll_token.clone(),
+            auto_accept: false,
+        }),
+    )
+    .await?;
+    let nonce = match recv_broker(&mut ws).await? {
+        BrokerMessage::Challenge(c) => c.nonce,
+        BrokerMessage::Error(e) => return Err(SessionError::Refused(e)),
+        other => {
+            return Err(SessionError::Ws(format!(
+                "expected a challenge, got {other:?}"
+            )))
+        }
+    };
+    let proof = api::sign_auth(&shared.key, AuthRole::Agent, &cfg.peer_id, &nonce)
+        .map_err(SessionError::Refused)?;
+    send_ws(&mut ws, &AgentMessage::Auth(proof)).await?;
+    let welcome = match recv_broker(&mut ws).await? {
+        BrokerMessage::Welcome(w) => w,
+        BrokerMessage::Error(e) => return Err(SessionError::Refused(e)),
+        other => {
+            return Err(SessionError::Ws(format!(
+                "expected a welcome, got {other:?}"
+            )))
+        }
+    };
+    tracing::info!(
+        peer = %welcome.peer_id,
+        enrolled = welcome.enrolled,
+        relays = welcome.relays.len(),
+        "connected to the broker"
+    );
+    let schedule = welcome.schedule;
+    let mut map = RelayMapPages::new(welcome.relays, welcome.relay_map_pages);
+    let (tx, mut rx) = mpsc::channel::<AgentMessage>(OUT_QUEUE);
+    *lock(&shared.out) = Some(tx.clone());
+
+    let mut next_measure = tokio::time::Instant::now();
+    let mut measuring: Option<tokio::task::JoinHandle<Option<AgentReport>>> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next_measure), if measuring.is_none() => {
+                let jitter = if schedule.jitter_ms > 0 { random_u64() % schedule.jitter_ms } else { 0 };
+                next_measure = tokio::time::Instant::now()
+                    + Duration::from_millis(schedule.interval_ms.max(100) + jitter);
+                let targets = targets(map.relays());
+                let (mcfg, location) = (shared.measure.clone(), cfg.location.clone());
+                measuring = Some(tokio::spawn(async move {
+                    let cycle = measure::measure_all(&targets, &mcfg).await.ok()?;
+                    Some(AgentReport {
+                        location,
+                        paths: cycle.paths.into_iter().map(|(relay, m)| PathReport {
+                            relay: relay.as_str().to_owned(),
+                            rtt_ms: m.rtt_ms,
+                            hops: m.hops,
+                            loss: m.loss,
+                            bandwidth_kbps: m.bandwidth_kbps,
+                            tcp: m.tcp,
+                            udp: m.udp,
+                            age_ms: 0,
+                        }).collect(),
+                    })
+                }));
+            }
+            done = async { measuring.as_mut().expect("guarded").await }, if measuring.is_some() => {
+                measuring = None;
+                if let Ok(Some(report)) = done {
+                    tracing::debug!(paths = report.paths.len(), "report");
+                    send_ws(&mut ws, &AgentMessage::Report(report)).await?;
+                }
+            }
+            out = rx.recv() => {
+                // `tx` lives in this scope, so the queue never ends here.
+                if let Some(m) = out {
+                    send_ws(&mut ws, &m).await?;
+                }
+            }
+            m = recv_broker(&mut ws) => match m? {
+                BrokerMessage::RelayMap(page) => {
+                    if map.page(page.relays, page.page, page.pages) && schedule.on_relay_map_change {
+                        next_measure = tokio::time::Instant::now();
+                    }
+                }
+                BrokerMessage::ReportNow(r) => {
+                    tracing::debug!(reason = %r.reason, "the broker asks for a report");
+                    next_measure = tokio::time::Instant::now();
+                }
+                BrokerMessage::ReportAccepted(_) => {}
+                BrokerMessage::ConnectAnswer(a) => {
+                    if let Some(w) = lock(&shared.pending).remove(&a.request_id) {
+                        let _ = w.send(Ok(a));
+                    }
+                }
+                BrokerMessage::Offer(o) => {
+                    let (shared, tx) = (shared.clone(), tx.clone());
+                    tokio::spawn(async move { handle_offer(shared, o, tx).await });
+                }
+                BrokerMessage::Error(e) => match e.request_id.and_then(|id| lock(&shared.pending).remove(&id)) {
+                    Some(w) => { let _ = w.send(Err(e)); }
+                    None if e.code == ErrorCode::Replaced => return Err(SessionError::Refused(e)),
+                    None => tracing::warn!("the broker reports: {e}"),
+                },
+                other => tracing::debug!("ignoring {other:?}"),
+            }
+        }
+    }
+}
+
+fn hex_vec(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || s.len() > 4096 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+async fn resolve(addr: Option<&str>) -> Result<SocketAddr, String> {
+    let addr = addr.ok_or("the broker gave no TCP address for the relay")?;
+    tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| format!("relay address {addr}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("relay address {addr} resolves to nothing"))
+}
+
+/// Dials the relay with `ticket_hex` and runs the Noise handshake as `role`.
+async fn open_tunnel(
+    shared: &Shared,
+    role: Role,
+    relay: Option<&str>,
+    ticket_hex: &str,
+    peer_key: &str,
+    session_id: &str,
+) -> Result<(Tunnel<TcpStream>, Duration), String> {
+    if peer_key.is_empty() {
+        return Err(
+            "the broker sent no peer key; upgrade the broker (it must send peer_key)".into(),
+        );
+    }
+    let remote = identity::noise_public(peer_key).map_err(|e| e.to_string())?;
+    let ticket = hex_vec(ticket_hex).ok_or("the broker's ticket is not hex")?;
+    let relay = resolve(relay).await?;
+    let stream = steelyard_relay::client::dial(relay, &ticket, PAIR_TIMEOUT)
+        .await
+        .map_err(|e| format!("relay {relay}: {e}"))?;
+    let started = Instant::now();
+    let tunnel = Tunnel::handshake(
+        stream,
+        &TunnelConfig {
+            role,
+            local: shared.noise.clone(),
+            remote_public: remote,
+            binding: session_id.as_bytes().to_vec(),
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        },
+    )
+    .await
+    .map_err(|e| format!("tunnel through relay {relay}: {e}"))?;
+    Ok((tunnel, started.elapsed()))
+}
+
+async fn report_end(
+    shared: &Shared,
+    session_id: String,
+    stats: Option<tunnel::BridgeStats>,
+    rtt: Option<Duration>,
+    life: Duration,
+) {
+    let stats = stats.unwrap_or_default();
+    let moved = stats.sent + stats.received;
+    let ms = life.as_millis().max(1) as u64;
+    let end_to_end = rtt.map(|rtt| EndToEndReport {
+        rtt_ms: rtt.as_secs_f64() * 1000.0,
+        loss: 0.0,
+        bandwidth_kbps: (moved >= GOODPUT_MIN_BYTES).then(|| moved * 8 / ms),
+        age_ms: 0,
+    });
+    let tx = lock(&shared.out).clone();
+    if let Some(tx) = tx {
+        let _ = tx
+            .send(AgentMessage::SessionEnded(SessionEnded {
+                session_id,
+                bytes_sent: stats.sent,
+                bytes_received: stats.received,
+                end_to_end,
+            }))
+            .await;
+    }
+}
+
+async fn handle_offer(shared: Arc<Shared>, offer: Offer, tx: mpsc::Sender<AgentMessage>) {
+    let permit = shared.tunnels.clone().try_acquire_owned();
+    let decision = match &permit {
+        Ok(_) => decide_offer(&shared.cfg, &offer.from, &offer.service, offer.transport),
+        Err(_) => Err(format!(
+            "{} carries {MAX_TUNNELS} tunnels already",
+            shared.cfg.peer_id
+        )),
+    };
+    if offer.reply_expected {
+        let _ = tx
+            .send(AgentMessage::OfferReply(OfferReply {
+                session_id: offer.session_id.clone(),
+                accept: decision.is_ok(),
+                reason: decision.as_ref().err().cloned(),
+            }))
+            .await;
+    }
+    drop(tx);
+    let local = match decision {
+        Ok(a) => a,
+        Err(why) => {
+            tracing::info!(from = %offer.from, service = %offer.service, "offer refused: {why}");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let (tunnel, _) = match open_tunnel(
+        &shared,
+        Role::Responder,
+        offer.relay_tcp_addr.as_deref(),
+        &offer.ticket,
+        &offer.peer_key,
+        &offer.session_id,
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(session = %offer.session_id, from = %offer.from, "offer failed: {e}");
+            return;
+        }
+    };
+    let stats = match TcpStream::connect(local).await {
+        Ok(conn) => {
+            let _ = conn.set_nodelay(true);
+            match tunnel::bridge(conn, tunnel).await {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::warn!(session = %offer.session_id, "tunnel ended with an error: {e}");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(
+                session = %offer.session_id,
+                service = %offer.service,
+                "cannot connect to the local service at {local}: {e}; is it running?"
+            );
+            None
+        }
+    };
+    report_end(&shared, offer.session_id, stats, None, started.elapsed()).await;
+    drop(permit);
+}
+
+async fn control_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (conn, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("control accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !from.ip().is_loopback() {
+            continue;
+        }
+        let shared = shared.clone();
+        tokio::spawn(async move { control_conn(shared, conn).await });
+    }
+}
+
+fn refuse(error: String) -> ControlReply {
+    ControlReply {
+        ok: false,
+        session_id: None,
+        relay: None,
+        error: Some(error),
+    }
+}
+
+async fn ask_broker(shared: &Shared, req: &ControlRequest) -> Result<ConnectAnswer, String> {
+    let tx = lock(&shared.out).clone().ok_or_else(|| {
+        format!(
+            "agent {} is not connected to the broker {} yet; check its log and retry",
+            shared.cfg.peer_id, shared.cfg.broker
+        )
+    })?;
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (otx, orx) = oneshot::channel();
+    {
+        let mut pending = lock(&shared.pending);
+        if pending.len() >= MAX_PENDING_CONNECTS {
+            return Err(format!(
+                "{MAX_PENDING_CONNECTS} connect requests are already waiting for the broker; retry later"
+            ));
+        }
+        pending.insert(id, otx);
+    }
+    let sent = tx
+        .send(AgentMessage::Connect(ConnectRequest {
+            request_id: id,
+            to: req.peer.clone(),
+            transport: TransportKind::Tcp,
+            service: req.service.clone(),
+        }))
+        .await;
+    let result = match sent {
+        Err(_) => Err("the broker channel dropped; retry".to_owned()),
+        Ok(()) => match tokio::time::timeout(CONNECT_TIMEOUT, orx).await {
+            Err(_) => Err(format!(
+                "no answer from the broker within {CONNECT_TIMEOUT:?}; retry"
+            )),
+            Ok(Err(_)) => Err("the broker channel dropped; retry".to_owned()),
+            Ok(Ok(Ok(a))) => Ok(a),
+            Ok(Ok(Err(e))) => Err(format!("the broker says {e}")),
+        },
+    };
+    lock(&shared.pending).remove(&id);
+    result
+}
+
+async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
+    let _ = conn.set_nodelay(true);
+    let req = match tokio::time::timeout(Duration::from_secs(10), read_line(&mut conn)).await {
+        Ok(Ok(line)) => match serde_json::from_str::<ControlRequest>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = write_json(&mut conn, &refuse(format!("bad control request: {e}"))).await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    let Ok(permit) = shared.tunnels.clone().try_acquire_owned() else {
+        let _ = write_json(
+            &mut conn,
+            &refuse(format!(
+                "this agent carries {MAX_TUNNELS} tunnels already; retry later"
+            )),
+        )
+        .await;
+        return;
+    };
+    let answer = match ask_broker(&shared, &req).await {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = write_json(&mut conn, &refuse(e)).await;
+            return;
+        }
+    };
+    let started = Instant::now();
+    let opened = open_tunnel(
+        &shared,
+        Role::Initiator,
+        answer.relay_tcp_addr.as_deref(),
+        &answer.ticket,
+        &answer.peer_key,
+        &answer.session_id,
+    )
+    .await;
+    let (tunnel, rtt) = match opened {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = write_json(&mut conn, &refuse(e)).await;
+            report_end(&shared, answer.session_id, None, None, started.elapsed()).await;
+            return;
+        }
+    };
+    let ok = ControlReply {
+        ok: true,
+        session_id: Some(answer.session_id.clone()),
+        relay: Some(answer.relay_id.clone()),
+        error: None,
+    };
+    if write_json(&mut conn, &ok).await.is_err() {
+        report_end(
+            &shared,
+            answer.session_id,
+            None,
+            Some(rtt),
+            started.elapsed(),
+        )
+        .await;
+        return;
+    }
+    let stats = match tunnel::bridge(conn, tunnel).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(session = %answer.session_id, "tunnel ended with an error: {e}");
+            None
+        }
+    };
+    report_end(
+        &shared,
+        answer.session_id,
+        stats,
+        Some(rtt),
+        started.elapsed(),
+    )
+    .await;
+    drop(permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_caps_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let d: Vec<_> = (0..6).map(|_| b.next_delay(0)).collect();
+        assert_eq!(d[0], Duration::from_millis(100));
+        assert_eq!(d[1], Duration::from_millis(200));
+        assert_eq!(d[5], Duration::from_secs(1));
+        assert!(b.next_delay(u64::MAX) < Duration::from_millis(1500));
+        b.reset();
+        assert_eq!(b.next_delay(0), Duration::from_millis(100));
+    }
+
+    fn entry(id: &str) -> RelayMapEntry {
+        RelayMapEntry {
+            id: id.into(),
+            tcp_addr: Some("127.0.0.1:1".into()),
+            udp_addr: Some("127.0.0.1:2".into()),
+            region: String::new(),
+            location: None,
+        }
+    }
+
+    #[test]
+    fn relay_map_pages_replace_when_complete() {
+        let mut m = RelayMapPages::new(vec![entry("a")], 1);
+        assert_eq!(m.relays().len(), 1);
+        assert!(!m.page(vec![entry("b")], 0, 2));
+        assert_eq!(m.relays()[0].id, "a");
+        assert!(!m.page(vec![entry("x")], 3, 2), "out of order is ignored");
+        assert!(m.page(vec![entry("c")], 1, 2));
+        let ids: Vec<_> = m.relays().iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        let t = targets(m.relays());
+        assert_eq!(t.len(), 2);
+        assert_eq!(t[0].probe, Some("127.0.0.1:2".parse().unwrap()));
+    }
+
+    #[test]
+    fn offers_follow_policy_and_services() {
+        let mut cfg = AgentConfig::parse(
+            "broker = \"ws://x:1\"\npeer_id = \"b\"\nkey_file = \"k\"\n[services]\nhttp = \"127.0.0.1:80\"\n",
+            "t",
+        )
+        .unwrap();
+        assert!(decide_offer(&cfg, "a", "http", TransportKind::Tcp).is_ok());
+        let e = decide_offer(&cfg, "a", "ssh", TransportKind::Tcp).unwrap_err();
+        assert!(e.contains("exposes: http"), "{e}");
+        assert!(decide_offer(&cfg, "a", "http", TransportKind::Udp).is_err());
+        cfg.offers.allow = vec!["c".into()];
+        let e = decide_offer(&cfg, "a", "http", TransportKind::Tcp).unwrap_err();
+        assert!(e.contains("offers.allow"), "{e}");
+        assert!(decide_offer(&cfg, "c", "http", TransportKind::Tcp).is_ok());
+    }
+
+    #[test]
+    fn urls_split_into_host_and_port() {
+        assert_eq!(
+            host_port("ws://127.0.0.1:7400/v1/agent"),
+            Some(("127.0.0.1".into(), 7400, false))
+        );
+        assert_eq!(
+            host_port("wss://b.example/v1/agent"),
+            Some(("b.example".into(), 443, true))
+        );
+        assert_eq!(
+            host_port("ws://[::1]:9/v1/agent"),
+            Some(("::1".into(), 9, false))
+        );
+        assert_eq!(hex_vec("0aff"), Some(vec![10, 255]));
+        assert_eq!(hex_vec("0"), None);
+    }
+}

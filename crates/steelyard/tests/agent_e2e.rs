@@ -1,0 +1,443 @@
+//! The whole main job with real processes: a `steelyard broker`, a `steelyard relay` that
+//! trusts the broker's published ticket key, two `steelyard agent`s (alice and bob) and
+//! `steelyard connect` on alice's side. A real HTTP request through alice's listener gets the
+//! answer of the HTTP server behind bob; then 20 concurrent tunnels each move 256 KiB through
+//! an echo service behind bob and get it back intact (checksummed); the broker's session
+//! history shows the sessions ended with an end-to-end RTT.
+//!
+//! Relay load: the relay process is started without a broker link; the test feeds the broker
+//! the relay's load over the relay WebSocket under the relay's pre-registered identity, as
+//! `broker_connect.rs` does.
+
+mod broker_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker_support::*;
+use steelyard_agent::daemon::open_via_agent;
+use steelyard_proto::api::{LoadReport, RelayMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `steelyard <args>` and returns it with its first stdout line.
+fn start(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start steelyard");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let proc = Proc(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("steelyard {args:?} printed nothing within 30 s"));
+    (proc, line)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn agent_config(dir: &Path, broker: SocketAddr, peer: &str, control: u16, extra: &str) -> String {
+    let path = dir.join(format!("{peer}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
+             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
+            dir.join(format!("{peer}.key")).display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// A tiny HTTP/1.1 responder: reads the request head, answers a fixed body, closes.
+async fn http_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16384 {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "hello from bob's HTTP service";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An echo service with half-close.
+async fn echo_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+async fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: bob\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("timeout"))??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+async fn echo_round(addr: SocketAddr, i: u32, len: usize) -> (u64, u64, usize) {
+    let data: Vec<u8> = (0..len)
+        .map(|k| (k as u32).wrapping_mul(2654435761).wrapping_add(i) as u8)
+        .collect();
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let sent = fnv(&data);
+    let writer = async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let reader = async move {
+        let mut back = Vec::with_capacity(len);
+        r.read_to_end(&mut back).await.unwrap();
+        back
+    };
+    let ((), back) = tokio::join!(writer, reader);
+    (sent, fnv(&back), back.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
+    let t0 = Instant::now();
+    let dir = temp_dir("agent-e2e");
+    let (relay_tcp, relay_udp, relay_probe) = (free_port(), free_udp_port(), free_udp_port());
+    let mut config = base_config(&dir);
+    config.push_str(&format!(
+        "\n[schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
+         tcp_addr = \"127.0.0.1:{relay_tcp}\"\nudp_addr = \"127.0.0.1:{relay_probe}\"\nmax_sessions = 1000\n",
+        key_hex(100)
+    ));
+    let broker = BrokerProcess::start(&dir, &config);
+    let addr = broker.addr;
+
+    // The relay trusts the key the broker publishes.
+    let (status, keys) = http_json(addr, "GET", "/v1/keys", None, None).await;
+    assert_eq!(status, 200, "{keys}");
+    let broker_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
+    let (_relay, line) = start(&[
+        "relay",
+        "--relay-id",
+        "r1",
+        "--broker-key",
+        &broker_key,
+        "--tcp",
+        &format!("127.0.0.1:{relay_tcp}"),
+        "--udp",
+        &format!("127.0.0.1:{relay_udp}"),
+        "--probe",
+        &format!("127.0.0.1:{relay_probe}"),
+    ]);
+    assert!(line.starts_with("relay listening"), "{line}");
+
+    // Relay load, fed under the relay's pre-registered identity (see the module docs).
+    let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
+    v.expect("relay r1 authenticates");
+    let feeder = tokio::spawn(async move {
+        loop {
+            send_json(
+                &mut relay_ws,
+                &RelayMessage::Load(LoadReport {
+                    sessions: 0,
+                    ..LoadReport::default()
+                }),
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    let http = http_service().await;
+    let echo = echo_service().await;
+    let (ctl_a, ctl_b) = (free_port(), free_port());
+    let a_cfg = agent_config(&dir, addr, "alice", ctl_a, "");
+    let b_cfg = agent_config(
+        &dir,
+        addr,
+        "bob",
+        ctl_b,
+        &format!(
+            "[services]\nhttp = \"{http}\"\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"
+        ),
+    );
+    let (_alice, line) = start(&["agent", "--config", &a_cfg]);
+    assert!(line.starts_with("agent alice control="), "{line}");
+    let (_bob, line) = start(&["agent", "--config", &b_cfg]);
+    assert!(line.starts_with("agent bob control="), "{line}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.join("bob.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "the identity key is private");
+    }
+
+    let (http_port, echo_port) = (free_port(), free_port());
+    let ctl = format!("127.0.0.1:{ctl_a}");
+    let (_c1, line) = start(&[
+        "connect",
+        "bob",
+        "http",
+        "--listen",
+        &format!("127.0.0.1:{http_port}"),
+        "--control",
+        &ctl,
+    ]);
+    assert!(line.contains("listening="), "{line}");
+    let (_c2, _) = start(&[
+        "connect",
+        "bob",
+        "echo",
+        "--listen",
+        &format!("127.0.0.1:{echo_port}"),
+        "--control",
+        &ctl,
+    ]);
+
+    // Until both agents have reported, the broker has no common relay: retry for up to 30 s.
+    let http_addr: SocketAddr = format!("127.0.0.1:{http_port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let response = loop {
+        match http_get(http_addr).await {
+            Ok(r) if r.contains("200 OK") => break r,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no HTTP response through the tunnel within 30 s: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    };
+    assert!(
+        response.ends_with("hello from bob's HTTP service"),
+        "{response}"
+    );
+    let first = t0.elapsed();
+
+    // 20 concurrent tunnels, 256 KiB each way, checksummed.
+    let echo_addr: SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
+    let t1 = Instant::now();
+    let len = 256 * 1024;
+    let rounds: Vec<_> = (0..20)
+        .map(|i| tokio::spawn(echo_round(echo_addr, i, len)))
+        .collect();
+    for (i, r) in rounds.into_iter().enumerate() {
+        let (sent, back, n) = tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .expect("tunnel finished within 60 s")
+            .unwrap();
+        assert_eq!(n, len, "tunnel {i} returned {n} bytes");
+        assert_eq!(sent, back, "tunnel {i} checksum");
+    }
+    let concurrent = t1.elapsed();
+
+    // Refusals are clear: a service bob does not expose, and a peer not in bob's allow list.
+    let ctl_a_addr: SocketAddr = ctl.parse().unwrap();
+    let e = open_via_agent(ctl_a_addr, "bob", "ssh").await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("exposes no service \"ssh\" (it exposes: echo, http)"),
+        "{e}"
+    );
+    let (_carol, _) = start(&[
+        "agent",
+        "--config",
+        &agent_config(&dir, addr, "carol", free_port(), ""),
+    ]);
+    let ctl_c: SocketAddr = std::fs::read_to_string(dir.join("carol.toml"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("control = "))
+        .unwrap()
+        .trim_matches('"')
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        let e = open_via_agent(ctl_c, "bob", "http").await.unwrap_err();
+        if e.to_string().contains("offers.allow") || Instant::now() > deadline {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("peer carol is not in bob's offers.allow list"),
+        "{e}"
+    );
+    let e = open_via_agent(ctl_a_addr, "nobody", "http")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown_peer"), "{e}");
+
+    // The sessions end at the broker with the bytes and alice's end-to-end RTT.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = http_json(
+            addr,
+            "GET",
+            "/v1/admin/sessions?limit=100",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+        let ended = s["history"]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .filter(|r| {
+                        r["state"] == "ended"
+                            && r["relay"] == "r1"
+                            && r["end_to_end_rtt_ms"].as_f64().is_some()
+                    })
+                    .count()
+            })
+            .unwrap_or(0);
+        if ended >= 21 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "only {ended} ended sessions with an end-to-end RTT: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "agent_e2e: first HTTP answer after {first:?} (start-up and first reports included); \
+         20 x 256 KiB echoed in {concurrent:?}"
+    );
+    feeder.abort();
+    broker.stop();
+}
+
+/// The agent reaches a TLS broker with `wss://` and a `ca_file`, and refuses one whose
+/// certificate its CA did not sign.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_connects_over_wss_with_its_ca_file() {
+    let dir = temp_dir("agent-wss");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("other.pem"), other.cert.pem()).unwrap();
+    let config = base_config(&dir).replace("listen_plain = true\n", "")
+        + &format!(
+            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        );
+    let broker = BrokerProcess::start(&dir, &config);
+    let port = broker.addr.port();
+    let agent = |peer: &str, ca: &str| {
+        let control = free_port();
+        let path = dir.join(format!("{peer}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "broker = \"wss://localhost:{port}\"\nca_file = \"{}\"\nenroll_token = \"{AGENT_TOKEN}\"\n\
+                 peer_id = \"{peer}\"\nkey_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n",
+                dir.join(ca).display(),
+                dir.join(format!("{peer}.key")).display()
+            ),
+        )
+        .unwrap();
+        let (proc, _) = start(&["agent", "--config", path.to_str().unwrap()]);
+        let ctl: SocketAddr = format!("127.0.0.1:{control}").parse().unwrap();
+        (proc, ctl)
+    };
+    let (_good, good) = agent("alice", "cert.pem");
+    let (_bad, bad) = agent("mallory", "other.pem");
+    // Connected agents get the broker's verdict on an unknown peer; unconnected ones say so.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = open_via_agent(good, "nobody", "x").await.unwrap_err();
+        if e.to_string().contains("unknown_peer") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "alice never connected: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = open_via_agent(bad, "nobody", "x").await.unwrap_err();
+    assert!(e.to_string().contains("not connected to the broker"), "{e}");
+    broker.stop();
+}
