@@ -22,9 +22,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the selection engine on a scenario (the built-in one by default) and explain every
-    /// decision: the winner, every candidate's inputs and score parts, and what was left out.
+    /// Run the real system on loopback (broker, three relays, two agents), explain the broker's
+    /// decision, move data through a tunnel, stop the chosen relay and show the next decision.
+    /// `--offline` / `--scenario FILE` run only the selection engine on a scenario.
     Demo(demo::DemoArgs),
+    /// Start the demo's local system (broker, relays, agents) and keep it running; prints how to
+    /// connect to it.
+    Dev(demo::DevArgs),
     /// Run the broker: registry, reports, connection brokering with signed tickets.
     Broker(broker::BrokerArgs),
     /// Measure the paths from this machine to relays, once, as the agent does each cycle.
@@ -41,6 +45,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Demo(args) => demo::run(args),
+        Command::Dev(args) => demo::dev(args),
         Command::Broker(args) => broker::run(args),
         Command::Measure(args) => measure::run(args),
         Command::Relay(args) => relay::run(args),

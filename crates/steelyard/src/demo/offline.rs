@@ -1,49 +1,18 @@
-//! `steelyard demo`: the main job on embedded defaults. Until the broker, relays and agents run
-//! end to end, it drives the selection engine over a scenario and prints what it decides and why:
-//! one explained decision, a burst of connects inside one report interval and how they spread,
-//! then the winner going silent and the next decision.
+//! `steelyard demo --offline` / `--scenario FILE`: the selection engine alone, no processes. It
+//! drives the engine over a scenario and prints what it decides and why: one explained decision,
+//! a burst of connects inside one report interval and how they spread, then the winner going
+//! silent and the next decision.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use steelyard_select::{PeerId, Request, Timestamp, Transport};
+use steelyard_select::{PeerId, Request, Timestamp};
 
+use super::DemoArgs;
 use crate::scenario::Scenario;
 
-/// Flags of `steelyard demo`.
-#[derive(Debug, clap::Args)]
-pub struct DemoArgs {
-    /// A scenario file (TOML); the built-in scenario when absent.
-    #[arg(long)]
-    scenario: Option<PathBuf>,
-    /// The initiating peer (default: the scenario's first peer).
-    #[arg(long)]
-    from: Option<String>,
-    /// The peer asked for (default: the scenario's second peer).
-    #[arg(long)]
-    to: Option<String>,
-    /// The transport the session needs.
-    #[arg(long, default_value = "tcp", value_parser = parse_transport)]
-    transport: Transport,
-    /// Connects in the burst.
-    #[arg(long, default_value_t = 500)]
-    burst: u32,
-    /// Print the first decision as JSON (as the broker's explain API will) and stop.
-    #[arg(long)]
-    json: bool,
-}
-
-fn parse_transport(s: &str) -> Result<Transport, String> {
-    match s {
-        "tcp" => Ok(Transport::Tcp),
-        "udp" => Ok(Transport::Udp),
-        other => Err(format!("unknown transport {other:?}: use tcp or udp")),
-    }
-}
-
-/// Runs the demo.
+/// Runs the engine-only demo.
 pub fn run(args: DemoArgs) -> Result<()> {
     let scenario = Scenario::load(args.scenario.as_deref())?;
     let now = Timestamp::from_millis(
