@@ -358,11 +358,17 @@ impl fmt::Display for RejectReason {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum NoChoice {
     /// A peer asked for itself.
-    #[error("peer {0} asked for a relay to itself")]
-    SamePeer(PeerId),
+    #[error("peer {peer} asked for a relay to itself")]
+    SamePeer {
+        /// The peer.
+        peer: PeerId,
+    },
     /// A peer has never reported (or was removed).
-    #[error("no report from peer {0}: it has not registered or not yet measured its relays")]
-    UnknownPeer(PeerId),
+    #[error("no report from peer {peer}: it has not registered or not yet measured its relays")]
+    UnknownPeer {
+        /// The peer.
+        peer: PeerId,
+    },
     /// No relay is reachable by both sides.
     #[error(
         "no common relay: {from} reaches [{}] and {to} reaches [{}] over {transport}",

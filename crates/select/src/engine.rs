@@ -420,16 +420,22 @@ impl Selector {
     /// [`Selector::record_assignment`] when the session is actually created.
     pub fn decide(&self, request: &Request, now: Timestamp) -> Result<Decision, NoChoice> {
         if request.from == request.to {
-            return Err(NoChoice::SamePeer(request.from.clone()));
+            return Err(NoChoice::SamePeer {
+                peer: request.from.clone(),
+            });
         }
         let a = self
             .peers
             .get(&request.from)
-            .ok_or_else(|| NoChoice::UnknownPeer(request.from.clone()))?;
+            .ok_or_else(|| NoChoice::UnknownPeer {
+                peer: request.from.clone(),
+            })?;
         let b = self
             .peers
             .get(&request.to)
-            .ok_or_else(|| NoChoice::UnknownPeer(request.to.clone()))?;
+            .ok_or_else(|| NoChoice::UnknownPeer {
+                peer: request.to.clone(),
+            })?;
 
         let end_to_end = self.end_to_end_of(&request.from, &request.to);
         let mut candidates = Vec::with_capacity(a.paths.len().min(b.paths.len()));

@@ -693,11 +693,11 @@ fn all_common_relays_unusable_is_a_clear_error() {
 fn unknown_or_same_peer_is_a_clear_error() {
     let s = world(&RELAYS);
     let err = s.decide(&Request::new("a", "zed"), NOW).unwrap_err();
-    assert_eq!(err, NoChoice::UnknownPeer("zed".into()));
+    assert_eq!(err, NoChoice::UnknownPeer { peer: "zed".into() });
     assert!(err.to_string().contains("zed"));
     assert_eq!(
         s.decide(&Request::new("a", "a"), NOW).unwrap_err(),
-        NoChoice::SamePeer("a".into())
+        NoChoice::SamePeer { peer: "a".into() }
     );
 }
 
@@ -799,4 +799,29 @@ fn released_assignments_stop_counting() {
     assert!(!s.release_assignment("nope", NOW));
     assert_eq!(s.peer_path_count("a"), Some(1));
     assert_eq!(s.peer_path_count("zed"), None);
+}
+
+/// Every way of having no choice serialises (the broker's explain API sends it as JSON) and
+/// reads back.
+#[test]
+fn every_no_choice_serialises() {
+    let mut s = world(&["r1"]);
+    s.relay_report("r1", sessions(100), NOW).unwrap();
+    let mut errors = vec![
+        s.decide(&Request::new("a", "a"), NOW).unwrap_err(),
+        s.decide(&Request::new("a", "zed"), NOW).unwrap_err(),
+        s.decide(&Request::new("a", "b"), NOW).unwrap_err(),
+    ];
+    report(&mut s, "b", vec![]);
+    errors.push(s.decide(&Request::new("a", "b"), NOW).unwrap_err());
+    errors.push(NoChoice::PinUnavailable {
+        peer: "a".into(),
+        relay: "r1".into(),
+        reason: "full".into(),
+    });
+    for err in errors {
+        let json = serde_json::to_string(&err).unwrap_or_else(|e| panic!("{err:?}: {e}"));
+        let back: NoChoice = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, err, "{json}");
+    }
 }
