@@ -254,8 +254,8 @@ fn transport_name(t: TransportKind) -> &'static str {
 /// Maps a selection failure to the API error an initiator gets.
 pub fn no_choice_error(e: &NoChoice) -> ApiError {
     let code = match e {
-        NoChoice::SamePeer(_) => ErrorCode::BadMessage,
-        NoChoice::UnknownPeer(_) | NoChoice::NoCommonRelay { .. } => ErrorCode::NoCommonRelay,
+        NoChoice::SamePeer { .. } => ErrorCode::BadMessage,
+        NoChoice::UnknownPeer { .. } | NoChoice::NoCommonRelay { .. } => ErrorCode::NoCommonRelay,
         NoChoice::NoUsableRelay { .. } | NoChoice::PinUnavailable { .. } => {
             ErrorCode::NoUsableRelay
         }
