@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
-# Relay TCP throughput vs HAProxy (TCP mode, splicing on) vs direct, driven by iperf3 on
-# loopback, 1 stream and 64 streams. Prints markdown table rows on stdout, progress on stderr.
+# Relay TCP goodput and CPU/GB vs HAProxy 2.6 (TCP mode, splicing on) vs direct, 1 and 64 streams.
+# Prints markdown table rows on stdout, progress on stderr.
 #
-# Path of "ours": iperf3 -c -> ticket_shim a -> steelyard relay (splice) -> ticket_shim b ->
-# iperf3 -s. iperf3 cannot send the relay's hello, so the two shims add two local hops with a
-# userspace copy each; HAProxy and direct have no shim. "ours" is therefore a lower bound.
+# One load generator drives all three paths (crates/relay/examples/relay_load.rs), so the
+# client's cost is identical: N sender->receiver stream pairs, 128 KiB writes, one direction,
+# one blocking thread per socket end. direct: sender -> receiver's listener. haproxy: sender ->
+# HAProxy frontend -> receiver's listener. relay: sender and receiver both dial the relay with
+# signed tickets and the relay splices them. Rounds alternate relay / HAProxy / direct (order
+# rotated each round); the row gives the median round and the path process's CPU seconds per GB
+# (over all rounds, from /proc/PID/stat). Env: RELAY_BENCH_SECS (5), RELAY_BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${RELAY_BENCH_SECS:-5}
+ROUNDS=${RELAY_BENCH_ROUNDS:-3}
 log() { echo "[relay-tcp] $*" >&2; }
-for tool in iperf3 haproxy; do
-  command -v "$tool" >/dev/null || { log "installing $tool"; apt-get install -y "$tool" >&2; }
-done
+command -v haproxy >/dev/null || { log "installing haproxy"; apt-get install -y haproxy >&2; }
 log "building release binaries"
-cargo build --release -p steelyard >&2
-cargo build --release -p steelyard-relay --example ticket_shim >&2
-BIN=target/release/steelyard
-SHIM=target/release/examples/ticket_shim
+cargo build --release -p steelyard-relay --example relay_load --example relay_server >&2
+LOAD=target/release/examples/relay_load
 WORK=$(mktemp -d)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-trap 'cat "$WORK"/*.log "$WORK/last.json" >&2 2>/dev/null || true' ERR
+trap 'cat "$WORK"/*.log >&2 2>/dev/null || true' ERR
 
 SEED=0707070707070707070707070707070707070707070707070707070707070707
-PUB=$($SHIM pubkey "$SEED")
-if [ -z "$PUB" ]; then log "cannot derive the public key"; exit 1; fi
-P_DIRECT=15201; P_HAP=15202; P_RELAY=15203; P_SHIM=15204
-iperf3 -s -p $P_DIRECT -D --logfile "$WORK/iperf3.log" --pidfile "$WORK/iperf3.pid"
-sleep 0.3; PIDS+=("$(cat "$WORK/iperf3.pid")")
+PUB=$($LOAD pubkey "$SEED")
+P_HAP=15202; P_BACK=15212; P_RELAY=15203
+if cargo build --release -p steelyard >&2; then
+  RELAY_DESC='`steelyard relay` (release)'
+  target/release/steelyard relay --relay-id bench-relay --broker-key "$PUB" --tcp 127.0.0.1:$P_RELAY \
+    >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
+else
+  # Only when another crate of the workspace does not build at the moment: the same relay
+  # crate and runtime, started by the relay_server example instead of the steelyard binary.
+  log "the steelyard binary does not build now: using examples/relay_server (same relay code)"
+  RELAY_DESC='relay crate via examples/relay_server (steelyard binary did not build)'
+  printf 'relay_id = "bench-relay"\nbroker_keys = ["%s"]\n[listen]\ntcp = "127.0.0.1:%s"\n' "$PUB" $P_RELAY >"$WORK/relay.toml"
+  target/release/examples/relay_server "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
+fi
+PIDS+=("$RPID")
 cat > "$WORK/haproxy.cfg" <<CFG
 global
   maxconn 4000
@@ -38,29 +49,61 @@ defaults
   timeout client 60s
   timeout server 60s
   option splice-auto
+  option splice-request
+  option splice-response
 listen bench
   bind 127.0.0.1:$P_HAP
-  server s1 127.0.0.1:$P_DIRECT
+  server s1 127.0.0.1:$P_BACK
 CFG
-haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & PIDS+=($!)
-$BIN relay --relay-id bench-relay --broker-key "$PUB" --tcp 127.0.0.1:$P_RELAY >"$WORK/relay.out" 2>"$WORK/relay.log" & PIDS+=($!)
-sleep 0.5
-export STEELYARD_SHIM_QUEUE="$WORK/queue"
-$SHIM b 127.0.0.1:$P_DIRECT 127.0.0.1:$P_RELAY "$SEED" bench-relay 2>"$WORK/shimb.log" & PIDS+=($!)
-$SHIM a 127.0.0.1:$P_SHIM 127.0.0.1:$P_RELAY "$SEED" bench-relay 2>"$WORK/shima.log" & PIDS+=($!)
-sleep 0.5
+haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & HPID=$!
+PIDS+=("$HPID")
+sleep 0.7
+kill -0 "$RPID" && kill -0 "$HPID"
+HAP_THREADS=$(awk '/^Threads:/{print $2}' "/proc/$HPID/status")
+RELAY_THREADS=$(awk '/^Threads:/{print $2}' "/proc/$RPID/status")
+LOADAVG=$(cut -d' ' -f1 /proc/loadavg)
 
-gbps() { # port streams
-  timeout $((DUR + 30)) iperf3 -c 127.0.0.1 -p "$1" -P "$2" -t "$DUR" -J 2>/dev/null \
-    | tee "$WORK/last.json" | python3 -c 'import json,sys; print("%.2f" % (json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9))'
+run() { # path streams
+  local extra=()
+  case $1 in
+    relay) extra=(--target 127.0.0.1:$P_RELAY --seed "$SEED" --relay-id bench-relay --pid "$RPID") ;;
+    haproxy) extra=(--target 127.0.0.1:$P_HAP --listen 127.0.0.1:$P_BACK --pid "$HPID") ;;
+    direct) extra=() ;;
+  esac
+  timeout $((DUR + 60)) "$LOAD" "$1" --streams "$2" --secs "$DUR" "${extra[@]}"
 }
+: >"$WORK/results.jsonl"
 for streams in 1 64; do
-  log "direct, $streams stream(s)"; d=$(gbps $P_DIRECT $streams)
-  log "haproxy, $streams stream(s)"; h=$(gbps $P_HAP $streams)
-  log "relay via shims, $streams stream(s)"; r=$(gbps $P_SHIM $streams)
-  python3 - "$streams" "$d" "$h" "$r" "$DUR" <<'PY'
-import sys
-s, d, h, r, dur = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
-print(f"| relay TCP, {s} stream(s), iperf3 {dur} s loopback | {r:.2f} Gbit/s | HAProxy 2.6 splice {h:.2f} Gbit/s | {r/h if h else 0:.2f}x | direct {d:.2f} Gbit/s, relay/direct {r/d if d else 0:.2f}x; ours goes through 2 ticket shims (2 extra userspace hops), HAProxy through none; `bench/run relay-tcp` |")
-PY
+  for r in $(seq "$ROUNDS"); do
+    case $((r % 3)) in 1) order="relay haproxy direct" ;; 2) order="haproxy direct relay" ;; 0) order="direct relay haproxy" ;; esac
+    for path in $order; do
+      log "$streams stream(s), round $r/$ROUNDS: $path"
+      run "$path" "$streams" | tee -a "$WORK/results.jsonl" >&2
+    done
+  done
 done
+python3 - "$WORK/results.jsonl" "$DUR" "$ROUNDS" "$RELAY_DESC" "$HAP_THREADS" "$RELAY_THREADS" "$LOADAVG" <<'PY'
+import json, statistics, sys
+path, dur, rounds, relay_desc, hap_thr, relay_thr, loadavg = sys.argv[1:]
+rows = [json.loads(l) for l in open(path) if l.strip()]
+for streams in (1, 64):
+    def pick(mode):
+        rs = [r for r in rows if r["mode"] == mode and r["streams"] == streams]
+        gbps = statistics.median(r["per_sec"] * 8 / 1e9 for r in rs)
+        gb = sum(r["bytes"] for r in rs) / 1e9
+        cpu = sum(r["path_cpu_s"] for r in rs) / gb if rs[0]["path_cpu_s"] is not None else None
+        client = sum(r["client_cpu_s"] for r in rs) / gb
+        spread = "–".join("%.1f" % (r["per_sec"] * 8 / 1e9) for r in rs)
+        return gbps, cpu, client, spread
+    r, rc, rcl, rsp = pick("relay")
+    h, hc, hcl, hsp = pick("haproxy")
+    d, _, dcl, dsp = pick("direct")
+    print(f"| relay TCP, {streams} stream(s), loopback, median of {rounds} alternating {dur} s rounds | "
+          f"{r:.2f} Gbit/s, relay CPU {rc:.3f} s/GB | HAProxy 2.6 (TCP mode, splice-auto/request/response) "
+          f"{h:.2f} Gbit/s, HAProxy CPU {hc:.3f} s/GB | {r/h:.2f}× HAProxy (goal ≥ 1.0×); "
+          f"{r/d:.2f}× direct (goal ≥ 0.6×) | direct {d:.2f} Gbit/s. Rounds (Gbit/s): relay {rsp}, HAProxy {hsp}, "
+          f"direct {dsp}. CPU per GB relay/HAProxy {rc/hc:.2f}×. Same client for all three: `relay_load` "
+          f"(one blocking thread per socket end, 128 KiB writes; client CPU s/GB relay {rcl:.3f}, HAProxy {hcl:.3f}, "
+          f"direct {dcl:.3f}). Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads. "
+          f"2 shared cores, load average {loadavg} at start (other builds were running) |")
+PY

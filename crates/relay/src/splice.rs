@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::MsgFlags;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -90,7 +91,9 @@ enum DirEnd {
 }
 
 async fn one_way(d: Dir<'_>) -> io::Result<DirEnd> {
-    let pipe = pipe()?;
+    // The pipe is made when the first bytes arrive: an idle session holds no pipe (two file
+    // descriptors and its kernel buffers fewer per direction).
+    let mut pipe_slot: Option<Pipe> = None;
     let mut own =
         (d.limits.bytes_per_sec > 0).then(|| TokenBucket::new(d.limits.bytes_per_sec, now_us()));
     let mut moved: u64 = 0;
@@ -134,6 +137,26 @@ async fn one_way(d: Dir<'_>) -> io::Result<DirEnd> {
         // socket -> pipe. The pipe is empty here, so EAGAIN can only mean "socket empty".
         let n = loop {
             d.src.readable().await?;
+            let pipe = match pipe_slot.as_ref() {
+                Some(p) => p,
+                None => {
+                    // Readiness can be left over from reading the hello: peek first, so that
+                    // the pipe is made only when bytes (or the FIN) are really there.
+                    let mut b = [0u8; 1];
+                    match d.src.try_io(Interest::READABLE, || {
+                        nix::sys::socket::recv(
+                            d.src.as_raw_fd(),
+                            &mut b,
+                            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                        )
+                        .map_err(io::Error::from)
+                    }) {
+                        Ok(_) => pipe_slot.insert(pipe()?),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            };
             match d.src.try_io(Interest::READABLE, || {
                 splice(d.src.as_fd(), None, &pipe.w, None, want as usize, flags)
                     .map_err(io::Error::from)
@@ -153,6 +176,9 @@ async fn one_way(d: Dir<'_>) -> io::Result<DirEnd> {
             return Ok(DirEnd::Eof);
         }
         // pipe -> socket until the pipe is empty again.
+        let Some(pipe) = pipe_slot.as_ref() else {
+            return Err(io::Error::other("no pipe after a splice"));
+        };
         let mut left = n;
         while left > 0 {
             d.dst.writable().await?;

@@ -1,0 +1,492 @@
+//! Benchmark load generator: one program drives the direct path, HAProxy and the relay, so the
+//! client's cost is the same on every path.
+//!
+//! ```text
+//! relay_load pubkey SEED_HEX
+//! relay_load direct|haproxy|relay [--streams N] [--secs T] [--buf BYTES] [--both]
+//!            [--target ADDR] [--listen ADDR] [--seed HEX --relay-id ID] [--pid PID]
+//!            [--io threads|tokio] [--warmup-ms MS]
+//! relay_load udp --target RELAY_UDP --seed HEX --relay-id ID [--secs T] [--payload 200]
+//!            [--max-datagrams N] [--pid PID]
+//! relay_load idle relay|haproxy --sessions N --target ADDR [--listen ADDR] [--seed ...]
+//!            [--ready-file PATH] [--hold SECS]
+//! ```
+//!
+//! * TCP: N streams, each a sender → receiver pair. `direct`: the receiver listens, the sender
+//!   connects to it. `haproxy`: the sender connects to HAProxy's frontend (`--target`), which
+//!   forwards to our listener (`--listen`, the backend HAProxy was configured with). `relay`:
+//!   both sides dial the relay (`--target`) with tickets signed by `--seed` for `--relay-id`.
+//!   Each sender writes `--buf`-byte buffers for `--secs` seconds after a warm-up (`--both`:
+//!   the receivers send as well). Prints one JSON line: goodput over the measured window and,
+//!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`).
+//! * `udp`: two bound sides of one relay session send `--payload`-byte datagrams to each other
+//!   as fast as they can for `--secs` seconds (at most `--max-datagrams` each); prints the
+//!   datagrams delivered per second and the relay's CPU seconds.
+//! * `idle`: opens N paired sessions (through the relay, or through HAProxy to our listener),
+//!   writes `--ready-file` when all are open, holds them `--hold` seconds, then exits.
+//!
+//! `--io threads` (default) pumps with one blocking OS thread per socket end; `--io tokio` uses
+//! one current-thread tokio runtime for all streams. Tickets signed from a seed are for
+//! benchmarks only; real deployments get them from the broker.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use steelyard_proto::ticket::{SessionId, Side, Ticket, TicketLimits, TicketSigner, Transport};
+use steelyard_relay::client::{dial, udp_bind};
+use steelyard_relay::wire::{self, StatusCode, UdpKind};
+
+fn die(msg: &str) -> ! {
+    eprintln!("relay_load: {msg}");
+    std::process::exit(2)
+}
+
+struct Args {
+    pos: Vec<String>,
+    opt: HashMap<String, String>,
+}
+
+impl Args {
+    fn parse() -> Self {
+        let mut pos = Vec::new();
+        let mut opt = HashMap::new();
+        let mut it = std::env::args().skip(1);
+        while let Some(a) = it.next() {
+            if let Some(k) = a.strip_prefix("--") {
+                if k == "both" {
+                    opt.insert(k.to_string(), "1".into());
+                } else {
+                    let v = it
+                        .next()
+                        .unwrap_or_else(|| die(&format!("--{k} needs a value")));
+                    opt.insert(k.to_string(), v);
+                }
+            } else {
+                pos.push(a);
+            }
+        }
+        Self { pos, opt }
+    }
+    fn get<T: std::str::FromStr>(&self, k: &str, default: T) -> T {
+        match self.opt.get(k) {
+            Some(v) => v.parse().unwrap_or_else(|_| die(&format!("bad --{k}"))),
+            None => default,
+        }
+    }
+    fn req<T: std::str::FromStr>(&self, k: &str) -> T {
+        let v = self
+            .opt
+            .get(k)
+            .unwrap_or_else(|| die(&format!("--{k} is required")));
+        v.parse().unwrap_or_else(|_| die(&format!("bad --{k}")))
+    }
+}
+
+/// CPU seconds (user + system) used so far by process `pid` ("self" for this one).
+fn cpu_secs(pid: &str) -> f64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 2..]) else {
+        return f64::NAN;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    ticks / hz
+}
+
+struct Tickets {
+    signer: TicketSigner,
+    relay_id: String,
+}
+
+impl Tickets {
+    fn from_args(a: &Args) -> Self {
+        let seed: String = a.req("seed");
+        let seed: [u8; 32] =
+            steelyard_proto::hex::decode(&seed).unwrap_or_else(|_| die("bad --seed"));
+        Self {
+            signer: TicketSigner::from_seed(seed),
+            relay_id: a.req("relay-id"),
+        }
+    }
+    fn pair(&self, transport: Transport) -> (SessionId, Vec<u8>, Vec<u8>) {
+        let mut id = [0u8; 16];
+        getrandom::getrandom(&mut id).expect("randomness");
+        let sid = SessionId(id);
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let t = |side| {
+            self.signer
+                .sign(&Ticket {
+                    key_id: self.signer.key_id(),
+                    session_id: sid,
+                    relay_id: self.relay_id.clone(),
+                    side,
+                    peer_id: "bench".into(),
+                    issued_at: now - 1,
+                    expires_at: now + 3600,
+                    limits: TicketLimits::default(),
+                    transport,
+                })
+                .expect("sign")
+        };
+        (sid, t(Side::A), t(Side::B))
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Opens `n` connected (sender, receiver) pairs on the given path, at most `par` at once.
+fn open_pairs(mode: &str, a: &Args, n: usize, par: usize) -> Vec<(TcpStream, TcpStream)> {
+    let wait = Duration::from_secs(20);
+    let mut out = Vec::with_capacity(n);
+    match mode {
+        "direct" | "haproxy" => {
+            let listen: SocketAddr = a.get("listen", "127.0.0.1:0".parse().expect("addr"));
+            let l = TcpListener::bind(listen).unwrap_or_else(|e| die(&format!("bind: {e}")));
+            let target = if mode == "direct" {
+                l.local_addr().expect("addr")
+            } else {
+                a.req("target")
+            };
+            for _ in 0..n {
+                let s = TcpStream::connect_timeout(&target, wait)
+                    .unwrap_or_else(|e| die(&format!("connect {target}: {e}")));
+                let (r, _) = l.accept().unwrap_or_else(|e| die(&format!("accept: {e}")));
+                let _ = s.set_nodelay(true);
+                let _ = r.set_nodelay(true);
+                out.push((s, r));
+            }
+        }
+        "relay" => {
+            let target: SocketAddr = a.req("target");
+            let tickets = Tickets::from_args(a);
+            rt().block_on(async {
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(par);
+                    let mut set = tokio::task::JoinSet::new();
+                    for i in 0..k {
+                        let (_, ta, tb) = tickets.pair(Transport::Tcp);
+                        set.spawn(async move {
+                            let (x, y) =
+                                tokio::join!(dial(target, &ta, wait), dial(target, &tb, wait));
+                            let x = x.unwrap_or_else(|e| die(&format!("dial A: {e}")));
+                            let y = y.unwrap_or_else(|e| die(&format!("dial B: {e}")));
+                            (i, x.into_std().expect("std"), y.into_std().expect("std"))
+                        });
+                    }
+                    let mut got: Vec<_> = set.join_all().await;
+                    got.sort_by_key(|g| g.0);
+                    for (_, x, y) in got {
+                        x.set_nonblocking(false).expect("blocking");
+                        y.set_nonblocking(false).expect("blocking");
+                        out.push((x, y));
+                    }
+                    left -= k;
+                }
+            });
+        }
+        _ => die("mode must be direct, haproxy or relay"),
+    }
+    out
+}
+
+struct Snap {
+    t: Instant,
+    bytes: u64,
+    cpu: f64,
+    own: f64,
+}
+
+fn snap(bytes: &AtomicU64, pid: &Option<String>) -> Snap {
+    Snap {
+        t: Instant::now(),
+        bytes: bytes.load(Relaxed),
+        cpu: pid.as_deref().map_or(f64::NAN, cpu_secs),
+        own: cpu_secs("self"),
+    }
+}
+
+fn report(kind: &str, mode: &str, extra: &str, s0: &Snap, s1: &Snap, unit: &str) {
+    let secs = (s1.t - s0.t).as_secs_f64();
+    let n = (s1.bytes - s0.bytes) as f64;
+    let cpu = s1.cpu - s0.cpu;
+    let cpu_json = if cpu.is_nan() {
+        "null".to_string()
+    } else {
+        format!("{cpu:.3}")
+    };
+    println!(
+        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"client_cpu_s\":{:.3}}}",
+        n / secs,
+        s1.own - s0.own
+    );
+}
+
+fn pump_write<W: Write>(mut w: W, stop: &AtomicBool, size: usize) -> W {
+    let buf = vec![0x5au8; size];
+    while !stop.load(Relaxed) {
+        if w.write_all(&buf).is_err() {
+            break;
+        }
+    }
+    w
+}
+
+fn pump_read<R: Read>(mut r: R, bytes: &AtomicU64, size: usize) {
+    let mut buf = vec![0u8; size];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                bytes.fetch_add(n as u64, Relaxed);
+            }
+        }
+    }
+}
+
+fn tcp(mode: &str, a: &Args) {
+    let streams: usize = a.get("streams", 1);
+    let secs: f64 = a.get("secs", 5.0);
+    let size: usize = a.get("buf", 128 * 1024);
+    let warmup = Duration::from_millis(a.get("warmup-ms", 500));
+    let both = a.opt.contains_key("both");
+    let io: String = a.get("io", "threads".to_string());
+    let pid: Option<String> = a.opt.get("pid").cloned();
+    let pairs = open_pairs(mode, a, streams, 16);
+    let bytes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let extra = format!("\"streams\":{streams},\"both\":{both},\"io\":\"{io}\",");
+    let measure = |bytes: &AtomicU64| {
+        std::thread::sleep(warmup);
+        let s0 = snap(bytes, &pid);
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        let s1 = snap(bytes, &pid);
+        (s0, s1)
+    };
+    let hard_deadline = Duration::from_secs_f64(secs) + warmup + Duration::from_secs(30);
+    std::thread::spawn(move || {
+        std::thread::sleep(hard_deadline);
+        eprintln!("relay_load: streams did not finish in time; exiting");
+        std::process::exit(1);
+    });
+    match io.as_str() {
+        "threads" => {
+            let mut hs = Vec::new();
+            for (s, r) in pairs {
+                let ends = if both {
+                    vec![
+                        (s.try_clone().expect("clone"), r.try_clone().expect("clone")),
+                        (r, s),
+                    ]
+                } else {
+                    vec![(s, r)]
+                };
+                for (w, rd) in ends {
+                    let (stop, bytes) = (stop.clone(), bytes.clone());
+                    hs.push(std::thread::spawn(move || {
+                        let w = pump_write(w, &stop, size);
+                        let _ = w.shutdown(Shutdown::Write);
+                    }));
+                    hs.push(std::thread::spawn(move || pump_read(rd, &bytes, size)));
+                }
+            }
+            let (s0, s1) = measure(&bytes);
+            stop.store(true, Relaxed);
+            report("tcp", mode, &extra, &s0, &s1, "bytes");
+            for h in hs {
+                let _ = h.join();
+            }
+        }
+        "tokio" => {
+            let rt = rt();
+            let (s0, s1) = rt.block_on(async {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut set = tokio::task::JoinSet::new();
+                for (s, r) in pairs {
+                    s.set_nonblocking(true).expect("nonblocking");
+                    r.set_nonblocking(true).expect("nonblocking");
+                    let s = tokio::net::TcpStream::from_std(s).expect("tokio");
+                    let r = tokio::net::TcpStream::from_std(r).expect("tokio");
+                    let (sr, sw) = s.into_split();
+                    let (rr, rw) = r.into_split();
+                    let mut ends = vec![(sw, rr)];
+                    if both {
+                        ends.push((rw, sr));
+                    }
+                    for (mut w, mut rd) in ends {
+                        let (stop, bytes) = (stop.clone(), bytes.clone());
+                        set.spawn(async move {
+                            let buf = vec![0x5au8; size];
+                            while !stop.load(Relaxed) {
+                                if w.write_all(&buf).await.is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = w.shutdown().await;
+                        });
+                        set.spawn(async move {
+                            let mut buf = vec![0u8; size];
+                            while let Ok(n) = rd.read(&mut buf).await {
+                                if n == 0 {
+                                    break;
+                                }
+                                bytes.fetch_add(n as u64, Relaxed);
+                            }
+                        });
+                    }
+                }
+                tokio::time::sleep(warmup).await;
+                let s0 = snap(&bytes, &pid);
+                tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+                let s1 = snap(&bytes, &pid);
+                stop.store(true, Relaxed);
+                while set.join_next().await.is_some() {}
+                (s0, s1)
+            });
+            report("tcp", mode, &extra, &s0, &s1, "bytes");
+        }
+        _ => die("--io must be threads or tokio"),
+    }
+}
+
+fn udp(a: &Args) {
+    let target: SocketAddr = a.req("target");
+    let secs: f64 = a.get("secs", 5.0);
+    let payload: usize = a.get("payload", 200);
+    let max: u64 = a.get("max-datagrams", 50_000_000);
+    // Datagrams per second per side; 0 = as fast as possible. Sent in bursts every millisecond.
+    let rate: u64 = a.get("rate", 0);
+    let warmup = Duration::from_millis(a.get("warmup-ms", 300));
+    let pid: Option<String> = a.opt.get("pid").cloned();
+    let tickets = Tickets::from_args(a);
+    let (sid, ta, tb) = tickets.pair(Transport::Udp);
+    let (sa, sb) = rt().block_on(async {
+        let sa = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let sb = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let w = Duration::from_secs(10);
+        let ca = udp_bind(&sa, target, sid, &ta, w).await;
+        let cb = udp_bind(&sb, target, sid, &tb, w).await;
+        for c in [&ca, &cb] {
+            match c {
+                Ok(StatusCode::Waiting | StatusCode::Paired) => {}
+                other => die(&format!("udp bind: {other:?}")),
+            }
+        }
+        (sa.into_std().expect("std"), sb.into_std().expect("std"))
+    });
+    let dgram = wire::encode_udp(UdpKind::Data, sid, &vec![0x5au8; payload]);
+    let got = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut hs = Vec::new();
+    for (tx, rx) in [(&sa, &sb), (&sb, &sa)] {
+        let tx = tx.try_clone().expect("clone");
+        let rx = rx.try_clone().expect("clone");
+        tx.set_nonblocking(false).expect("blocking");
+        rx.set_nonblocking(false).expect("blocking");
+        rx.set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let (stop, got, dgram) = (stop.clone(), got.clone(), dgram.clone());
+        let stop2 = stop.clone();
+        hs.push(std::thread::spawn(move || {
+            let mut sent = 0u64;
+            let start = Instant::now();
+            while sent < max && !stop.load(Relaxed) {
+                if rate > 0 {
+                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+                    if sent >= due {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                }
+                if tx.send_to(&dgram, target).is_ok() {
+                    sent += 1;
+                }
+            }
+        }));
+        hs.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            loop {
+                match rx.recv_from(&mut buf) {
+                    Ok(_) => {
+                        got.fetch_add(1, Relaxed);
+                    }
+                    Err(_) if stop2.load(Relaxed) => return,
+                    Err(_) => {}
+                }
+            }
+        }));
+    }
+    std::thread::sleep(warmup);
+    let s0 = snap(&got, &pid);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let s1 = snap(&got, &pid);
+    stop.store(true, Relaxed);
+    report(
+        "udp",
+        "relay",
+        &format!("\"payload\":{payload},\"rate_per_side\":{rate},"),
+        &s0,
+        &s1,
+        "datagrams",
+    );
+    for h in hs {
+        let _ = h.join();
+    }
+}
+
+fn idle(a: &Args) {
+    let mode = a.pos.get(1).map_or("relay", String::as_str);
+    let n: usize = a.req("sessions");
+    let hold: f64 = a.get("hold", 30.0);
+    let t0 = Instant::now();
+    let pairs = open_pairs(mode, a, n, 16);
+    eprintln!(
+        "relay_load: {} idle {mode} sessions open in {:.1} s",
+        pairs.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    if let Some(p) = a.opt.get("ready-file") {
+        std::fs::write(p, format!("{}\n", pairs.len())).expect("ready file");
+    }
+    std::thread::sleep(Duration::from_secs_f64(hold));
+    drop(pairs);
+}
+
+fn main() {
+    let a = Args::parse();
+    match a.pos.first().map(String::as_str) {
+        Some("pubkey") => {
+            let seed = a.pos.get(1).unwrap_or_else(|| die("pubkey SEED_HEX"));
+            let seed: [u8; 32] =
+                steelyard_proto::hex::decode(seed).unwrap_or_else(|_| die("bad seed"));
+            let key = TicketSigner::from_seed(seed).public_key();
+            println!("{}", steelyard_proto::hex::encode(key.as_bytes()));
+        }
+        Some(m @ ("direct" | "haproxy" | "relay")) => tcp(m, &a),
+        Some("udp") => udp(&a),
+        Some("idle") => idle(&a),
+        _ => die("usage: relay_load pubkey|direct|haproxy|relay|udp|idle … (see the source)"),
+    }
+}
