@@ -458,16 +458,14 @@ impl Core {
         proof: &AuthProof,
         now: Timestamp,
     ) -> Result<bool, ApiError> {
-        check_version(hello.version)?;
-        if !is_valid_id(&hello.peer_id) {
-            return Err(err(
-                ErrorCode::BadMessage,
-                "peer_id must be 1 to 64 bytes of [A-Za-z0-9._-]",
-            ));
-        }
-        let key = api::parse_public_key(&hello.public_key)?;
-        api::verify_auth(&key, Role::Agent, &hello.peer_id, nonce, proof)?;
-        let key_hex = api::public_key_hex(&key);
+        let key_hex = verify_identity(
+            hello.version,
+            Role::Agent,
+            &hello.peer_id,
+            &hello.public_key,
+            nonce,
+            proof,
+        )?;
         match self.peers.get(&hello.peer_id) {
             Some(p) if p.record.revoked => Err(err(
                 ErrorCode::Revoked,
@@ -950,16 +948,14 @@ impl Core {
         proof: &AuthProof,
         now: Timestamp,
     ) -> Result<bool, ApiError> {
-        check_version(hello.version)?;
-        if !is_valid_id(&hello.relay_id) {
-            return Err(err(
-                ErrorCode::BadMessage,
-                "relay_id must be 1 to 64 bytes of [A-Za-z0-9._-]",
-            ));
-        }
-        let key = api::parse_public_key(&hello.public_key)?;
-        api::verify_auth(&key, Role::Relay, &hello.relay_id, nonce, proof)?;
-        let key_hex = api::public_key_hex(&key);
+        let key_hex = verify_identity(
+            hello.version,
+            Role::Relay,
+            &hello.relay_id,
+            &hello.public_key,
+            nonce,
+            proof,
+        )?;
         let enrolled;
         let mut record = match self.relays.get(&hello.relay_id) {
             Some(r) if r.record.public_key.as_deref() == Some(key_hex.as_str()) => {
@@ -1302,6 +1298,29 @@ impl PeerState {
             pending_connects: 0,
         }
     }
+}
+
+/// Checks a hello's version, id and key, and that `proof` signs the challenge with that key for
+/// `role`; returns the key in hex, as it is recorded.
+fn verify_identity(
+    version: u32,
+    role: Role,
+    id: &str,
+    public_key: &str,
+    nonce: &[u8; NONCE_LEN],
+    proof: &AuthProof,
+) -> Result<String, ApiError> {
+    check_version(version)?;
+    if !is_valid_id(id) {
+        let what = match role {
+            Role::Relay => "relay_id must be 1 to 64 bytes of [A-Za-z0-9._-]",
+            Role::Agent => "peer_id must be 1 to 64 bytes of [A-Za-z0-9._-]",
+        };
+        return Err(err(ErrorCode::BadMessage, what));
+    }
+    let key = api::parse_public_key(public_key)?;
+    api::verify_auth(&key, role, id, nonce, proof)?;
+    Ok(api::public_key_hex(&key))
 }
 
 fn check_version(version: u32) -> Result<(), ApiError> {

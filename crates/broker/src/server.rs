@@ -836,14 +836,7 @@ async fn agent_ws(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let guard = match admit(&shared, addr.ip()) {
-        Ok(g) => g,
-        Err(r) => return r,
-    };
-    shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
-    configure(ws, &shared)
-        .on_upgrade(move |socket| run_socket(shared, socket, guard, Role::Agent))
-        .into_response()
+    upgrade(shared, addr, ws, Role::Agent)
 }
 
 async fn relay_ws(
@@ -851,13 +844,18 @@ async fn relay_ws(
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    upgrade(shared, addr, ws, Role::Relay)
+}
+
+/// Admits a WebSocket from `addr` (per-address limit) and runs it in `role`.
+fn upgrade(shared: Arc<Shared>, addr: SocketAddr, ws: WebSocketUpgrade, role: Role) -> Response {
     let guard = match admit(&shared, addr.ip()) {
         Ok(g) => g,
         Err(r) => return r,
     };
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
     configure(ws, &shared)
-        .on_upgrade(move |socket| run_socket(shared, socket, guard, Role::Relay))
+        .on_upgrade(move |socket| run_socket(shared, socket, guard, role))
         .into_response()
 }
 
