@@ -853,6 +853,9 @@ impl Core {
         } else {
             s.record.state = SessionState::Refused;
             s.record.ended_at = Some(now.millis());
+            // The session will never reach its relay: stop counting it as the relay's load.
+            self.selector
+                .release_assignment(&s.record.relay, Timestamp::from_millis(s.record.created_at));
             BrokerMessage::Error(
                 err(
                     ErrorCode::Refused,
@@ -1145,6 +1148,8 @@ impl Core {
             s.parked = None;
             s.record.state = SessionState::Refused;
             s.record.ended_at = Some(now.millis());
+            self.selector
+                .release_assignment(&s.record.relay, Timestamp::from_millis(s.record.created_at));
             let (a_conn, request_id, record) = (s.a_conn, s.request_id, s.record.clone());
             self.effects.send.push((
                 a_conn,
@@ -1198,10 +1203,7 @@ impl Core {
                 record: p.record.clone(),
                 online: p.conn.is_some(),
                 report_age_ms: p.last_report.map(|t| t.age_ms(now)),
-                paths: self
-                    .selector
-                    .peer_report_of(&p.record.id)
-                    .map_or(0, |r| r.paths.len()),
+                paths: self.selector.peer_path_count(&p.record.id).unwrap_or(0),
                 pending_connects: p.pending_connects,
             })
             .collect();

@@ -333,6 +333,14 @@ fn connect_errors_are_clear() {
     assert!(e.message.contains("alice reaches [r1, r2]"), "{e}");
 }
 
+/// Sessions assigned to relays and not yet in their load reports, over every candidate.
+fn pending(c: &Core, now: u64) -> u32 {
+    let d = c
+        .explain("alice", "bob", TransportKind::Tcp, Timestamp(now))
+        .expect("a decision");
+    d.ranked.iter().map(|r| r.load.pending).sum()
+}
+
 #[test]
 fn offers_wait_for_b_and_time_out() {
     let mut c = core();
@@ -385,7 +393,13 @@ fn offers_wait_for_b_and_time_out() {
         accept: false,
         reason: Some("busy".into()),
     };
+    assert_eq!(pending(&c, T0), 2, "the accepted and the offered session");
     c.offer_reply("bob", &refuse, Timestamp(T0)).unwrap();
+    assert_eq!(
+        pending(&c, T0),
+        1,
+        "a refused session no longer loads its relay"
+    );
     let effects = c.take_effects();
     assert!(
         matches!(&effects.send[..], [(1, BrokerMessage::Error(e))] if e.code == ErrorCode::Refused && e.message.contains("busy") && e.request_id == Some(5))
@@ -413,6 +427,11 @@ fn offers_wait_for_b_and_time_out() {
         })
         .count();
     assert_eq!(timeouts, 2);
+    assert_eq!(
+        pending(&c, T0 + 600),
+        1,
+        "timed-out offers no longer load their relay"
+    );
     assert!(c
         .connect("alice", 1, &req, SessionId([6; 16]), Timestamp(T0 + 600))
         .is_ok());
