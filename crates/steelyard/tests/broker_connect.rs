@@ -7,8 +7,8 @@ mod broker_support;
 
 use broker_support::*;
 use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ConnectRequest, EndToEndReport, ErrorCode,
-    LoadReport, OfferReply, PathReport, RelayMessage, SessionEnded, TransportKind,
+    AgentMessage, AgentReport, BrokerMessage, EndToEndReport, ErrorCode, LoadReport, OfferReply,
+    PathReport, RelayMessage, SessionEnded,
 };
 use steelyard_proto::ticket::{Side, TicketVerifier};
 use steelyard_select::{
@@ -186,21 +186,8 @@ async fn connect_end_to_end() {
         matches!(m, BrokerMessage::ReportAccepted(r) if r.paths == 3).then_some(())
     })
     .await;
-    send_json(
-        &mut alice,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 1,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
-    let e = recv_where(&mut alice, |m| match m {
-        BrokerMessage::Error(e) => Some(e.clone()),
-        _ => None,
-    })
-    .await;
+    send_connect(&mut alice, 1, "bob").await;
+    let e = recv_error(&mut alice).await;
     assert_eq!((e.code, e.request_id), (ErrorCode::NoCommonRelay, Some(1)));
     recv_where(&mut bob, |m| {
         matches!(m, BrokerMessage::ReportNow(r) if r.reason == "connect").then_some(())
@@ -244,16 +231,7 @@ async fn connect_end_to_end() {
         .any(|r| r["relay"] == "r3"));
 
     // A asks for B; B (not auto-accepting) gets the offer and accepts; A gets its answer.
-    send_json(
-        &mut alice,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 2,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
+    send_connect(&mut alice, 2, "bob").await;
     let offer = recv_where(&mut bob, |m| match m {
         BrokerMessage::Offer(o) => Some(o.clone()),
         _ => None,
@@ -305,16 +283,7 @@ async fn connect_end_to_end() {
         .is_err());
 
     // Refusal reaches A with the reason.
-    send_json(
-        &mut alice,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 3,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
+    send_connect(&mut alice, 3, "bob").await;
     let offer2 = recv_where(&mut bob, |m| match m {
         BrokerMessage::Offer(o) => Some(o.clone()),
         _ => None,
@@ -329,11 +298,7 @@ async fn connect_end_to_end() {
         }),
     )
     .await;
-    let e = recv_where(&mut alice, |m| match m {
-        BrokerMessage::Error(e) => Some(e.clone()),
-        _ => None,
-    })
-    .await;
+    let e = recv_error(&mut alice).await;
     assert_eq!((e.code, e.request_id), (ErrorCode::Refused, Some(3)));
     assert!(e.message.contains("do not disturb"), "{e}");
 
@@ -400,21 +365,8 @@ async fn connect_end_to_end() {
     // B offline.
     drop(bob);
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    send_json(
-        &mut alice,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 4,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
-    let e = recv_where(&mut alice, |m| match m {
-        BrokerMessage::Error(e) => Some(e.clone()),
-        _ => None,
-    })
-    .await;
+    send_connect(&mut alice, 4, "bob").await;
+    let e = recv_error(&mut alice).await;
     assert_eq!((e.code, e.request_id), (ErrorCode::PeerOffline, Some(4)));
 
     // Relays as the admin API shows them.
@@ -464,16 +416,7 @@ async fn auto_accept_answers_at_once_and_drain_moves_sessions() {
     }
     let (status, _) = http(addr, "POST", "/v1/admin/relays/r2/drain", Some(ADMIN), None).await;
     assert_eq!(status, 200);
-    send_json(
-        &mut alice,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 1,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
+    send_connect(&mut alice, 1, "bob").await;
     let answer = recv_where(&mut alice, |m| match m {
         BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
         BrokerMessage::Error(e) => panic!("{e}"),

@@ -99,16 +99,7 @@ auth_timeout_secs = 1
     expect_error(&mut ws1, ErrorCode::BadMessage).await;
     assert!(recv(&mut ws1).await.is_none(), "closed after a bad hello");
     let mut ws2 = ws(addr, "/v1/agent").await;
-    send_json(
-        &mut ws2,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 1,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
+    send_connect(&mut ws2, 1, "bob").await;
     expect_error(&mut ws2, ErrorCode::Unauthenticated).await;
     let mut ws3 = ws(addr, "/v1/relay").await;
     ws3.send(Message::Binary(vec![1, 2, 3].into()))

@@ -6,8 +6,8 @@ mod broker_support;
 
 use broker_support::*;
 use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ConnectRequest, ErrorCode, LoadReport, PathReport,
-    RelayCapacity, RelayMessage, TransportKind,
+    AgentMessage, AgentReport, BrokerMessage, ErrorCode, LoadReport, PathReport, RelayCapacity,
+    RelayMessage,
 };
 
 fn path(relay: &str) -> PathReport {
@@ -76,16 +76,7 @@ async fn restart_keeps_everything_durable() {
         })
         .await;
     }
-    send_json(
-        &mut alice,
-        &AgentMessage::Connect(ConnectRequest {
-            request_id: 1,
-            to: "bob".into(),
-            transport: TransportKind::Tcp,
-            service: String::new(),
-        }),
-    )
-    .await;
+    send_connect(&mut alice, 1, "bob").await;
     let answer = recv_where(&mut alice, |m| match m {
         BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
         BrokerMessage::Error(e) => panic!("{e}"),

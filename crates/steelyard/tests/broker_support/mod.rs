@@ -229,6 +229,29 @@ pub async fn recv_within(ws: &mut Ws, within: Duration) -> Option<BrokerMessage>
     }
 }
 
+/// Sends a TCP connect request for `to` (no service).
+pub async fn send_connect(ws: &mut Ws, request_id: u64, to: &str) {
+    send_json(
+        ws,
+        &api::AgentMessage::Connect(api::ConnectRequest {
+            request_id,
+            to: to.into(),
+            transport: api::TransportKind::Tcp,
+            service: String::new(),
+        }),
+    )
+    .await;
+}
+
+/// Waits for the next error message (other messages are skipped).
+pub async fn recv_error(ws: &mut Ws) -> api::ApiError {
+    recv_where(ws, |m| match m {
+        BrokerMessage::Error(e) => Some(e.clone()),
+        _ => None,
+    })
+    .await
+}
+
 /// The next message for which `pick` returns `Some`, skipping others (relay maps, report
 /// acknowledgements, early-report requests), within 5 s overall.
 pub async fn recv_where<T>(ws: &mut Ws, mut pick: impl FnMut(&BrokerMessage) -> Option<T>) -> T {
