@@ -24,7 +24,8 @@
 //! test cannot run and fails under CI instead of skipping.
 //!
 //! What this crate does not do: it starts no Steelyard component by itself and measures nothing;
-//! tests use [`Testbed::command`] / [`Testbed::spawn`] to run programs inside a node.
+//! tests use [`Testbed::command`] / [`Testbed::spawn`] to run programs inside a node, and
+//! [`Testbed::in_netns`] to open their own sockets inside one.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -581,6 +582,31 @@ impl Testbed {
     /// first output line first): it is killed when the test bed drops.
     pub fn adopt(&mut self, child: Child) {
         self.children.push(child);
+    }
+
+    /// Runs `f` on a thread that has joined `node`'s network namespace and returns what it
+    /// returns. Sockets `f` creates belong to that namespace for good, so a test can bind a
+    /// service inside a node or connect to a node's loopback, then use the socket anywhere
+    /// (e.g. hand it to another thread). The calling thread's namespace does not change.
+    pub fn in_netns<T: Send>(&self, node: Node, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.nodes[node.0].netns);
+        let file = std::fs::File::open(&path).map_err(|e| TestbedError::Command {
+            command: format!("open {path}"),
+            stderr: e.to_string(),
+        })?;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    TestbedError::Command {
+                        command: format!("setns({path})"),
+                        stderr: e.to_string(),
+                    }
+                })?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
     }
 
     /// Waits until `check` is true, polling every 20 ms, for at most `limit`.

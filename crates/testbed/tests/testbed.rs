@@ -323,3 +323,45 @@ fn teardown_leaves_nothing_even_on_panic() {
         "namespaces of {prefix} left behind (nodes or the delay emulator): {left}"
     );
 }
+
+#[test]
+fn sockets_opened_in_a_node_live_in_its_namespace() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    let mut tb = testbed!("sockets_opened_in_a_node_live_in_its_namespace");
+    let a = tb.host("a").unwrap();
+    let b = tb.host("b").unwrap();
+    let ab = tb.link(a, b, LinkSpec::default()).unwrap();
+    tb.route().unwrap();
+    // A listener on b's loopback: only b's namespace reaches it.
+    let listener = tb
+        .in_netns(b, || TcpListener::bind("127.0.0.1:0"))
+        .unwrap()
+        .unwrap();
+    let local = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.write_all(b"from b").unwrap();
+    });
+    let mut s = tb
+        .in_netns(b, || TcpStream::connect(local))
+        .unwrap()
+        .unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "from b");
+    server.join().unwrap();
+    // a reaches b's link address but not b's loopback listener.
+    let gone = tb.in_netns(a, || TcpStream::connect(local)).unwrap();
+    assert!(gone.is_err(), "a reached b's loopback: {gone:?}");
+    let ping = tb.in_netns(a, || {
+        std::net::UdpSocket::bind("0.0.0.0:0")
+            .and_then(|u| u.connect((ab.b_addr, 9)).map(|()| u.local_addr()))
+    });
+    let bound = ping.unwrap().unwrap().unwrap();
+    assert_eq!(
+        bound.ip(),
+        std::net::IpAddr::V4(ab.a_addr),
+        "routed out of a's link"
+    );
+}
