@@ -8,97 +8,21 @@
 //! Needs root for namespaces: outside CI without root the tests say SKIPPED loudly; under CI
 //! they fail instead.
 
-use std::io::{BufRead, BufReader};
-use std::net::Ipv4Addr;
-use std::process::Stdio;
+mod testbed_support;
 
-use steelyard_proto::ticket::TicketSigner;
 use steelyard_select::{
     Capacity, Decision, PathMetrics, PeerId, PeerReport, Policy, RelayId, RelayInfo, RelayLoad,
     Request, Selector, Timestamp,
 };
-use steelyard_testbed::{LinkSpec, Node, Testbed};
-
-const BIN: &str = env!("CARGO_BIN_EXE_steelyard");
-const RELAYS: usize = 3;
-
-struct Net {
-    tb: Testbed,
-    peers: [Node; 2],
-    /// (id, address) of each relay.
-    relays: Vec<(String, Ipv4Addr)>,
-}
-
-/// Builds pa, pb and relays r0..r2 around a core router. `handicap(i)` gives relay i's link
-/// and how many extra routers sit between the core and it.
-fn build(test: &str, handicap: impl Fn(usize) -> (LinkSpec, usize)) -> Option<Net> {
-    let mut tb = Testbed::new_or_skip(test).unwrap_or_else(|e| panic!("{e}"))?;
-    let core = tb.router("core").unwrap();
-    let mut peers = Vec::new();
-    for name in ["pa", "pb"] {
-        let p = tb.host(name).unwrap();
-        tb.link(p, core, LinkSpec::default()).unwrap();
-        peers.push(p);
-    }
-    let broker_key =
-        steelyard_proto::hex::encode(TicketSigner::from_seed([9; 32]).public_key().as_bytes());
-    let mut relays = Vec::new();
-    let mut hosts = Vec::new();
-    for i in 0..RELAYS {
-        let (spec, extra_routers) = handicap(i);
-        let mut prev = core;
-        for k in 0..extra_routers {
-            let x = tb.router(&format!("x{i}{k}")).unwrap();
-            tb.link(prev, x, LinkSpec::default()).unwrap();
-            prev = x;
-        }
-        let r = tb.host(&format!("r{i}")).unwrap();
-        let link = tb.link(prev, r, spec).unwrap();
-        relays.push((format!("r{i}"), link.b_addr));
-        hosts.push(r);
-    }
-    tb.route().unwrap();
-    for (r, (id, _)) in hosts.into_iter().zip(&relays) {
-        let mut cmd = tb.command(r, BIN);
-        cmd.args([
-            "relay",
-            "--relay-id",
-            id,
-            "--broker-key",
-            &broker_key,
-            "--tcp",
-            "0.0.0.0:7400",
-            "--probe",
-            "0.0.0.0:7402",
-            "--http",
-            "127.0.0.1:7480",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-        let mut child = cmd.spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("relay listening"),
-            "relay {id} said {line:?}"
-        );
-        tb.adopt(child);
-    }
-    Some(Net {
-        tb,
-        peers: [peers[0], peers[1]],
-        relays,
-    })
-}
+use steelyard_testbed::LinkSpec;
+use testbed_support::{build, Net, BIN, RELAYS};
 
 /// What `peer` measures towards every relay (`steelyard measure --json`).
 fn measure(net: &Net, peer: usize, extra: &[&str]) -> Vec<(RelayId, PathMetrics)> {
     let mut args = vec!["measure".to_string(), "--json".to_string()];
-    for (id, addr) in &net.relays {
+    for r in &net.relays {
         args.push("--relay".into());
-        args.push(format!("{id}={addr}:7400,{addr}:7402"));
+        args.push(format!("{}={}:7400,{}:7402", r.id, r.addr, r.addr));
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -123,7 +47,8 @@ fn decide(net: &Net, a: Vec<(RelayId, PathMetrics)>, b: Vec<(RelayId, PathMetric
         .max()
         .unwrap_or(Timestamp::from_millis(0));
     let mut s = Selector::new(Policy::default()).unwrap();
-    for (id, _) in &net.relays {
+    for r in &net.relays {
+        let id = &r.id;
         s.upsert_relay(RelayInfo {
             id: RelayId::new(id),
             location: None,
@@ -212,7 +137,7 @@ fn relay_on_a_slow_link_loses_on_bandwidth() {
 fn relay_on_a_lossy_path_loses_on_loss() {
     // 5 % of round trips lost: each way drops 1 - sqrt(0.95).
     let each_way = 1.0 - 0.95f64.sqrt();
-    let Some(net) = build("relay_on_a_lossy_path_loses_on_loss", |i| {
+    let Some(net) = build("relay_on_a_lossy_path_loses_on_loss", move |i| {
         let spec = LinkSpec {
             loss_each_way: (i == 0).then_some(each_way),
             ..LinkSpec::default()

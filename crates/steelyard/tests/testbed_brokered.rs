@@ -1,0 +1,444 @@
+//! Selection proven end to end on a network that differs: everything through a real broker
+//! process, three real relays reporting to it, the real agents alice (`pa`) and bob (`pb`) and
+//! a `steelyard connect` listener on alice's side, each in its own network namespace. Every
+//! scenario checks the broker's explained choice (`GET /v1/explain`) and that a real tunnel's
+//! bytes show up on the counters (`/status`) of the relay the broker gave it, and on no other.
+//!
+//! * a relay behind two extra routers, on a 2 Mbit/s link, on a lossy path, behind 40 ms more
+//!   RTT: the broker avoids it;
+//! * the best relay at capacity: the next best wins, and wins back when it frees up;
+//! * alice behind NAT; bob with UDP blocked (he reports the relays by TCP);
+//! * the chosen relay killed mid-transfer: new connections go through another relay, and the
+//!   live tunnel closes.
+//!
+//! Needs root for namespaces: outside CI without root the tests say SKIPPED loudly; under CI
+//! they fail instead. The direct measurement checks live in `testbed_paths.rs`.
+
+mod testbed_support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use steelyard_select::{Decision, RejectReason, Resource};
+use steelyard_testbed::LinkSpec;
+use testbed_support::{fnv, pattern, topology, Fabric, Shape, FNV_START, RELAYS};
+
+const MIB: usize = 1 << 20;
+
+/// The broker's choice avoids `loser`: another relay wins and `loser` ranks last or is no
+/// candidate at all.
+fn assert_avoids(d: &Decision, loser: &str) {
+    assert_ne!(d.winner.as_str(), loser, "{d}");
+    let rejected = d.rejected.iter().any(|r| r.relay.as_str() == loser);
+    assert!(
+        rejected || d.rank_of(loser) == Some(d.ranked.len() - 1),
+        "{loser} should rank last: {d}"
+    );
+}
+
+/// The common part of the four path scenarios: the broker avoids `loser`, and two tunnels in
+/// a row go through the relay the broker gave them, which is never `loser`.
+fn broker_avoids(test: &str, handicap: impl Fn(usize) -> (LinkSpec, usize) + 'static, loser: &str) {
+    let started = Instant::now();
+    let Some(net) = topology(test, &Shape::brokered(handicap)) else {
+        return;
+    };
+    let f = Fabric::start(net, [100; RELAYS]);
+    let d = f.explain().unwrap();
+    assert_avoids(&d, loser);
+    println!("{d}");
+    for _ in 0..2 {
+        let relay = f.echo_through_one_relay(MIB);
+        assert_ne!(
+            relay, loser,
+            "the tunnel went through the handicapped relay"
+        );
+    }
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn broker_avoids_the_relay_behind_two_extra_routers() {
+    broker_avoids(
+        "broker_avoids_the_relay_behind_two_extra_routers",
+        |i| (LinkSpec::default(), if i == 2 { 2 } else { 0 }),
+        "r2",
+    );
+}
+
+#[test]
+fn broker_avoids_the_relay_on_a_slow_link() {
+    broker_avoids(
+        "broker_avoids_the_relay_on_a_slow_link",
+        |i| {
+            let spec = LinkSpec {
+                bandwidth_kbit: (i == 1).then_some(2_000),
+                ..LinkSpec::default()
+            };
+            (spec, 0)
+        },
+        "r1",
+    );
+}
+
+#[test]
+fn broker_avoids_the_relay_on_a_lossy_path() {
+    // The agent sends 10 probes per relay and cycle, and the broker keeps only the latest
+    // report: at 5 % (the direct test in testbed_paths.rs) a cycle sees no loss at all 60 % of
+    // the time. 20 % each way (36 % per round trip) leaves a cycle without a lost probe on both
+    // peers' paths with a chance of about 1 in 10,000.
+    broker_avoids(
+        "broker_avoids_the_relay_on_a_lossy_path",
+        |i| {
+            let spec = LinkSpec {
+                loss_each_way: (i == 0).then_some(0.2),
+                ..LinkSpec::default()
+            };
+            (spec, 0)
+        },
+        "r0",
+    );
+}
+
+#[test]
+fn broker_avoids_the_relay_behind_a_delayed_path() {
+    broker_avoids(
+        "broker_avoids_the_relay_behind_a_delayed_path",
+        |i| {
+            let spec = LinkSpec {
+                delay_ms_each_way: (i == 2).then_some(20),
+                ..LinkSpec::default()
+            };
+            (spec, 0)
+        },
+        "r2",
+    );
+}
+
+/// Writes `len` bytes and reads them back, leaving the tunnel open.
+fn roundtrip(s: &mut TcpStream, len: usize) {
+    let data = pattern(len, 3);
+    s.write_all(&data).unwrap();
+    let mut back = vec![0u8; len];
+    s.read_exact(&mut back).unwrap();
+    assert!(back == data, "the held tunnel echoed other bytes");
+}
+
+#[test]
+fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
+    let started = Instant::now();
+    let test = "a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free";
+    // r0 best (one session at most); r1 next, 20 ms more RTT (a margin no measurement noise on
+    // a busy machine closes); r2 last, two extra routers and 2 Mbit/s.
+    let shape = Shape::brokered(|i| {
+        let spec = LinkSpec {
+            delay_ms_each_way: (i == 1).then_some(10),
+            bandwidth_kbit: (i == 2).then_some(2_000),
+            ..LinkSpec::default()
+        };
+        (spec, if i == 2 { 2 } else { 0 })
+    });
+    let Some(net) = topology(test, &shape) else {
+        return;
+    };
+    let f = Fabric::start(net, [1, 100, 100]);
+    let d = f.explain().unwrap();
+    assert_eq!(d.winner.as_str(), "r0", "{d}");
+    assert_eq!(d.rank_of("r1"), Some(1), "{d}");
+
+    // Hold one session on r0: it is full. It moves under the agent's GOODPUT_MIN_BYTES (64 KiB
+    // both ways together) on purpose: the agent reports a tunnel's goodput as its bytes over
+    // its whole life, idle time included, and the broker then ranks the relay by that figure
+    // instead of the measured bandwidth, so a long-held, mostly idle session would make r0 look
+    // like a 0.3 Mbit/s path and lose for that reason, not for capacity.
+    let before = f.all_relay_bytes();
+    let mut held = f.tunnel();
+    roundtrip(&mut held, 16 * 1024);
+    assert_eq!(f.tunnel_relays(), ["r0"]);
+    assert!(f.all_relay_bytes()[0] > before[0], "r0's counters moved");
+    let d = f.wait_decision(Duration::from_secs(10), |d| {
+        d.rejected.iter().any(|r| {
+            r.relay.as_str() == "r0"
+                && matches!(
+                    r.reason,
+                    RejectReason::Full {
+                        resource: Resource::Sessions
+                    }
+                )
+        })
+    });
+    assert_eq!(d.winner.as_str(), "r1", "the next best wins: {d}");
+    println!("r0 full:\n{d}");
+    for _ in 0..2 {
+        assert_eq!(f.echo_through_one_relay(MIB), "r1");
+    }
+    roundtrip(&mut held, 1024); // still open, still on r0
+
+    // Free it: new sessions return to r0 once its load report shows the slot free.
+    drop(held);
+    let freed = Instant::now();
+    let d = f.wait_decision(Duration::from_secs(15), |d| d.winner.as_str() == "r0");
+    eprintln!(
+        "r0 won again {:.2} s after its session closed",
+        freed.elapsed().as_secs_f64()
+    );
+    println!("r0 free:\n{d}");
+    assert_eq!(f.echo_through_one_relay(MIB), "r0");
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// Packets counted by the rules of `chain` in `table` that jump to `target`, in `node`.
+fn iptables_packets(
+    f: &Fabric,
+    node: steelyard_testbed::Node,
+    table: &str,
+    chain: &str,
+    target: &str,
+) -> u64 {
+    let out = f
+        .net
+        .tb
+        .run(
+            node,
+            "iptables",
+            &["-t", table, "-L", chain, "-v", "-n", "-x"],
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.split_whitespace().nth(2) == Some(target))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_peer_behind_nat_reaches_its_relay_through_the_tunnel() {
+    let started = Instant::now();
+    let test = "a_peer_behind_nat_reaches_its_relay_through_the_tunnel";
+    let shape = Shape {
+        nat_a: true,
+        ..Shape::brokered(|i| (LinkSpec::default(), if i == 2 { 2 } else { 0 }))
+    };
+    let Some(net) = topology(test, &shape) else {
+        return;
+    };
+    let nat = net.nat.unwrap();
+    let f = Fabric::start(net, [100; RELAYS]);
+    let d = f.explain().unwrap();
+    assert_avoids(&d, "r2");
+    // Alice's path to each relay crosses the NAT router: one hop more than bob's.
+    for c in &d.ranked {
+        let extra = if c.relay.as_str() == "r2" { 2 } else { 0 };
+        assert_eq!(c.path.hops, 3 + 2 * extra, "{d}");
+    }
+    let masqueraded = iptables_packets(&f, nat, "nat", "POSTROUTING", "MASQUERADE");
+    assert!(masqueraded > 0, "nothing went through the NAT");
+    let relay = f.echo_through_one_relay(MIB);
+    assert_ne!(relay, "r2");
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn a_peer_with_udp_blocked_reports_by_tcp_and_gets_a_tcp_path() {
+    let started = Instant::now();
+    let test = "a_peer_with_udp_blocked_reports_by_tcp_and_gets_a_tcp_path";
+    let shape = Shape {
+        block_udp_b: true,
+        ..Shape::brokered(|_| (LinkSpec::default(), 0))
+    };
+    let Some(net) = topology(test, &shape) else {
+        return;
+    };
+    let pb = net.peers[1];
+    // Fabric::start waits until bob's report covers all three relays: by TCP alone.
+    let f = Fabric::start(net, [100; RELAYS]);
+    let dropped = iptables_packets(&f, pb, "filter", "OUTPUT", "DROP");
+    assert!(dropped > 0, "bob never tried UDP");
+    let d = f.explain().unwrap();
+    assert_eq!(d.ranked.len(), RELAYS, "{d}");
+    // Over UDP, alice reaches every relay and bob none.
+    let (status, body) = f.broker_http("/v1/explain?from=alice&to=bob&transport=udp");
+    assert_eq!(status, 422, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["code"], "no_common_relay", "{body}");
+    assert_eq!(
+        v["detail"]["from_reaches"],
+        json!(["r0", "r1", "r2"]),
+        "{body}"
+    );
+    assert_eq!(v["detail"]["to_reaches"], json!([]), "{body}");
+    f.echo_through_one_relay(MIB);
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+/// What the live tunnel did after its relay was killed, as the client saw it.
+struct LiveOutcome {
+    /// Bytes echoed back.
+    received: u64,
+    /// Bytes the pattern has.
+    total: u64,
+    /// Whether what came back matches the pattern's checksum in full.
+    complete: bool,
+    /// How the read side ended: `Ok` at end of stream, or the error.
+    end: std::io::Result<()>,
+    /// Seconds from the kill to the end of the read side.
+    after_kill: f64,
+}
+
+/// Today's behaviour when a live tunnel's relay dies: the agent daemon does not resume yet, so
+/// the tunnel closes cleanly and at once (end of stream or reset, never a hang) before the
+/// transfer completes, and alice's agent logs why. Once the daemon resumes live tunnels on
+/// another relay, this is the one place to change: assert `o.complete` and
+/// `o.received == o.total` instead.
+fn assert_live_tunnel_closed_after_relay_loss(o: &LiveOutcome, alice_log: &str) {
+    match &o.end {
+        Ok(()) => {}
+        Err(e) => assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "the live tunnel ended with {e} instead of closing"
+        ),
+    }
+    assert!(
+        o.after_kill < 15.0,
+        "the live tunnel took {:.1} s to close",
+        o.after_kill
+    );
+    assert!(
+        o.received < o.total && !o.complete,
+        "the transfer completed ({} of {} bytes)",
+        o.received,
+        o.total
+    );
+    assert!(
+        alice_log.contains("tunnel ended with an error"),
+        "alice's agent does not say why the tunnel ended:\n{alice_log}"
+    );
+}
+
+#[test]
+fn a_relay_killed_mid_transfer_new_connections_fail_over() {
+    let started = Instant::now();
+    let test = "a_relay_killed_mid_transfer_new_connections_fail_over";
+    let shape = Shape::brokered(|i| (LinkSpec::default(), if i == 2 { 2 } else { 0 }));
+    let Some(net) = topology(test, &shape) else {
+        return;
+    };
+    let f = Fabric::start(net, [100; RELAYS]);
+
+    // A paced transfer (16 MiB at most ~12 MB/s) through a new tunnel, echoed back.
+    let total = 16 * MIB;
+    let before = f.all_relay_bytes();
+    let live = f.tunnel();
+    let mut w = live.try_clone().unwrap();
+    let writer = std::thread::spawn(move || {
+        let data = pattern(total, 11);
+        for chunk in data.chunks(64 * 1024) {
+            w.write_all(chunk)?;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let killed_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let received = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (mut live, killed_at, received) = (live, killed_at.clone(), received.clone());
+        std::thread::spawn(move || {
+            let mut h = FNV_START;
+            let mut buf = vec![0u8; 64 * 1024];
+            let end = loop {
+                match live.read(&mut buf) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        h = fnv(h, &buf[..n]);
+                        received.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let after_kill = killed_at
+                .lock()
+                .unwrap()
+                .map_or(0.0, |t| t.elapsed().as_secs_f64());
+            (h, end, after_kill)
+        })
+    };
+    // Which relay carries it, and kill that relay once 1 MiB has gone through it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let victim = loop {
+        if let Some(r) = f.tunnel_relays().first() {
+            break f.net.relay_index(r);
+        }
+        assert!(Instant::now() < deadline, "the tunnel never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let victim_id = f.net.relays[victim].id.clone();
+    while f.relay_bytes(victim).unwrap() - before[victim] < MIB as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "1 MiB did not go through {victim_id} within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f.kill_relay(victim);
+    let kill = Instant::now();
+    *killed_at.lock().unwrap() = Some(kill);
+    let at_kill = received.load(Ordering::Relaxed);
+
+    // New connections: retried until one goes through; each attempt is a tunnel of its own.
+    let mut attempts = 0;
+    let failover = loop {
+        attempts += 1;
+        let n = f.tunnel_relays().len();
+        let mut s = f.tunnel();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if testbed_support::echo(&mut s, 64 * 1024, attempts).is_ok() {
+            let relays = f.tunnel_relays();
+            assert_ne!(relays[n], victim_id, "a tunnel through the killed relay");
+            break kill.elapsed();
+        }
+        assert!(
+            kill.elapsed() < Duration::from_secs(15),
+            "no new tunnel worked within 15 s of killing {victim_id} ({attempts} attempts)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let d = f.explain().unwrap();
+    assert_ne!(d.winner.as_str(), victim_id, "{d}");
+    eprintln!(
+        "failover: {victim_id} killed; a new tunnel worked {:.0} ms later ({attempts} attempts); \
+         the broker now picks {}",
+        failover.as_secs_f64() * 1000.0,
+        d.winner
+    );
+    // And it is the relay the broker gives new tunnels: its counters, no one else's.
+    let relay = f.echo_through_one_relay(MIB);
+    assert_ne!(relay, victim_id);
+
+    let (h, end, after_kill) = reader.join().unwrap();
+    let _ = writer.join().unwrap();
+    let outcome = LiveOutcome {
+        received: received.load(Ordering::Relaxed),
+        total: total as u64,
+        complete: h == fnv(FNV_START, &pattern(total, 11)),
+        end,
+        after_kill,
+    };
+    eprintln!(
+        "live tunnel: {at_kill} bytes echoed at the kill, {} in all of {total}; its read side \
+         ended {:.0} ms after the kill with {:?}",
+        outcome.received,
+        outcome.after_kill * 1000.0,
+        outcome.end
+    );
+    let alice = f.net.log("alice");
+    for line in alice.lines().filter(|l| l.contains("tunnel ended")) {
+        eprintln!("alice's agent: {line}");
+    }
+    assert_live_tunnel_closed_after_relay_loss(&outcome, &alice);
+    eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+}
