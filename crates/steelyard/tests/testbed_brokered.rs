@@ -275,7 +275,7 @@ fn a_peer_with_udp_blocked_reports_by_tcp_and_gets_a_tcp_path() {
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
 }
 
-/// What the live tunnel did after its relay was killed, as the client saw it.
+/// What the live tunnel did after its relay was cut off, as the client saw it.
 struct LiveOutcome {
     /// Bytes echoed back.
     received: u64,
@@ -285,9 +285,14 @@ struct LiveOutcome {
     complete: bool,
     /// How the read side ended: `Ok` at end of stream, or the error.
     end: std::io::Result<()>,
-    /// Seconds from the kill to the end of the read side.
+    /// Seconds from the cut to the end of the read side.
     after_kill: f64,
+    /// The read side had not ended [`STUCK_AFTER`] after the cut (the test then shut it).
+    stuck: bool,
 }
+
+/// How long after the cut a live tunnel that neither moves nor closes counts as stuck.
+const STUCK_AFTER: Duration = Duration::from_secs(10);
 
 /// Today's behaviour when a live tunnel's relay dies: the agent daemon does not resume yet, so
 /// the tunnel closes cleanly and at once (end of stream or reset, never a hang) before the
@@ -295,6 +300,7 @@ struct LiveOutcome {
 /// another relay, this is the one place to change: assert `o.complete` and
 /// `o.received == o.total` instead.
 fn assert_live_tunnel_closed_after_relay_loss(o: &LiveOutcome, alice_log: &str) {
+    assert!(!o.stuck, "the live tunnel neither moved nor closed");
     match &o.end {
         Ok(()) => {}
         Err(e) => assert_eq!(
@@ -304,7 +310,7 @@ fn assert_live_tunnel_closed_after_relay_loss(o: &LiveOutcome, alice_log: &str) 
         ),
     }
     assert!(
-        o.after_kill < 15.0,
+        o.after_kill < STUCK_AFTER.as_secs_f64(),
         "the live tunnel took {:.1} s to close",
         o.after_kill
     );
@@ -320,20 +326,40 @@ fn assert_live_tunnel_closed_after_relay_loss(o: &LiveOutcome, alice_log: &str) 
     );
 }
 
-#[test]
-fn a_relay_killed_mid_transfer_new_connections_fail_over() {
+/// How a relay is cut off.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cut {
+    /// SIGKILL: the kernel closes its connections (a crash).
+    Kill,
+    /// Every packet to and from it dropped: nobody is told (a dead link).
+    Link,
+}
+
+/// Moves a paced transfer through a tunnel, cuts its relay off once 1 MiB has gone through it,
+/// and measures how long until a new connection works through another relay. Returns the live
+/// tunnel's outcome and alice's agent log.
+fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
     let started = Instant::now();
-    let test = "a_relay_killed_mid_transfer_new_connections_fail_over";
-    let shape = Shape::brokered(|i| (LinkSpec::default(), if i == 2 { 2 } else { 0 }));
-    let Some(net) = topology(test, &shape) else {
-        return;
-    };
+    // r0 clearly best, so the broker keeps choosing it until it learns it is gone (the worst
+    // case); r1 next with 10 ms more RTT; r2 last, two extra routers and 2 Mbit/s.
+    let shape = Shape::brokered(|i| {
+        let spec = LinkSpec {
+            delay_ms_each_way: (i == 1).then_some(5),
+            bandwidth_kbit: (i == 2).then_some(2_000),
+            ..LinkSpec::default()
+        };
+        (spec, if i == 2 { 2 } else { 0 })
+    });
+    let net = topology(test, &shape)?;
     let f = Fabric::start(net, [100; RELAYS]);
+    let d = f.explain().unwrap();
+    assert_eq!(d.winner.as_str(), "r0", "{d}");
 
     // A paced transfer (16 MiB at most ~12 MB/s) through a new tunnel, echoed back.
     let total = 16 * MIB;
     let before = f.all_relay_bytes();
     let live = f.tunnel();
+    let control = live.try_clone().unwrap();
     let mut w = live.try_clone().unwrap();
     let writer = std::thread::spawn(move || {
         let data = pattern(total, 11);
@@ -377,41 +403,61 @@ fn a_relay_killed_mid_transfer_new_connections_fail_over() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let victim_id = f.net.relays[victim].id.clone();
-    while f.relay_bytes(victim).unwrap() - before[victim] < MIB as u64 {
+    assert_eq!(victim_id, "r0", "the broker's choice carries the transfer");
+    // Cut once data flows both ways: 1 MiB through the relay, 256 KiB echoed back.
+    while f.relay_bytes(victim).unwrap() - before[victim] < MIB as u64
+        || received.load(Ordering::Relaxed) < 256 * 1024
+    {
         assert!(
             Instant::now() < deadline,
-            "1 MiB did not go through {victim_id} within 20 s"
+            "1 MiB through {victim_id} and 256 KiB back did not happen within 20 s"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    f.kill_relay(victim);
+    match cut {
+        Cut::Kill => f.kill_relay(victim),
+        Cut::Link => f.cut_off_relay(victim),
+    }
     let kill = Instant::now();
     *killed_at.lock().unwrap() = Some(kill);
     let at_kill = received.load(Ordering::Relaxed);
 
-    // New connections: retried until one goes through; each attempt is a tunnel of its own.
-    let mut attempts = 0;
-    let failover = loop {
-        attempts += 1;
-        let n = f.tunnel_relays().len();
-        let mut s = f.tunnel();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        if testbed_support::echo(&mut s, 64 * 1024, attempts).is_ok() {
-            let relays = f.tunnel_relays();
-            assert_ne!(relays[n], victim_id, "a tunnel through the killed relay");
-            break kill.elapsed();
-        }
-        assert!(
-            kill.elapsed() < Duration::from_secs(15),
-            "no new tunnel worked within 15 s of killing {victim_id} ({attempts} attempts)"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let d = f.explain().unwrap();
-    assert_ne!(d.winner.as_str(), victim_id, "{d}");
+    // Meanwhile: when the broker stops offering the relay at all.
+    let (failover, attempts, (dropped, d)) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let d = f.wait_decision(Duration::from_secs(30), |d| d.rank_of(&victim_id).is_none());
+            (kill.elapsed(), d)
+        });
+        // New connections: retried until one goes through; each attempt is a tunnel of its own.
+        let mut attempts = 0;
+        let failover = loop {
+            attempts += 1;
+            let n = f.tunnel_relays().len();
+            let mut s = f.tunnel();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            if testbed_support::echo(&mut s, 64 * 1024, attempts).is_ok() {
+                let relays = f.tunnel_relays();
+                assert_ne!(relays[n], victim_id, "a tunnel through the cut-off relay");
+                break kill.elapsed();
+            }
+            assert!(
+                kill.elapsed() < Duration::from_secs(30),
+                "no new tunnel worked within 30 s of cutting {victim_id} off ({cut:?}, \
+                 {attempts} attempts)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        (failover, attempts, watcher.join().unwrap())
+    });
     eprintln!(
-        "failover: {victim_id} killed; a new tunnel worked {:.0} ms later ({attempts} attempts); \
-         the broker now picks {}",
+        "failover ({cut:?}): {victim_id} cut off; the broker stopped offering it {:.0} ms later \
+         ({}); a new tunnel (attempt {attempts}, 5 s each at most) worked {:.0} ms after the \
+         cut; the broker now picks {}",
+        dropped.as_secs_f64() * 1000.0,
+        d.rejected
+            .iter()
+            .find(|r| r.relay.as_str() == victim_id)
+            .map_or("no longer listed".to_string(), |r| r.reason.to_string()),
         failover.as_secs_f64() * 1000.0,
         d.winner
     );
@@ -419,6 +465,12 @@ fn a_relay_killed_mid_transfer_new_connections_fail_over() {
     let relay = f.echo_through_one_relay(MIB);
     assert_ne!(relay, victim_id);
 
+    // A live tunnel still open STUCK_AFTER the cut is stuck: end it here so the test ends.
+    while !reader.is_finished() && kill.elapsed() < STUCK_AFTER {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stuck = !reader.is_finished();
+    let _ = control.shutdown(std::net::Shutdown::Both);
     let (h, end, after_kill) = reader.join().unwrap();
     let _ = writer.join().unwrap();
     let outcome = LiveOutcome {
@@ -427,18 +479,61 @@ fn a_relay_killed_mid_transfer_new_connections_fail_over() {
         complete: h == fnv(FNV_START, &pattern(total, 11)),
         end,
         after_kill,
+        stuck,
     };
     eprintln!(
-        "live tunnel: {at_kill} bytes echoed at the kill, {} in all of {total}; its read side \
-         ended {:.0} ms after the kill with {:?}",
+        "live tunnel: {at_kill} bytes echoed at the cut, {} in all of {total}; its read side \
+         ended {:.0} ms after the cut with {:?}{}",
         outcome.received,
         outcome.after_kill * 1000.0,
-        outcome.end
+        outcome.end,
+        if stuck {
+            " (stuck: shut by the test)"
+        } else {
+            ""
+        }
     );
     let alice = f.net.log("alice");
     for line in alice.lines().filter(|l| l.contains("tunnel ended")) {
         eprintln!("alice's agent: {line}");
     }
-    assert_live_tunnel_closed_after_relay_loss(&outcome, &alice);
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
+    Some((outcome, alice))
+}
+
+#[test]
+fn a_relay_killed_mid_transfer_new_connections_fail_over() {
+    let test = "a_relay_killed_mid_transfer_new_connections_fail_over";
+    let Some((outcome, alice)) = failover(test, Cut::Kill) else {
+        return;
+    };
+    assert_live_tunnel_closed_after_relay_loss(&outcome, &alice);
+}
+
+#[test]
+fn a_relay_cut_off_mid_transfer_new_connections_fail_over() {
+    let test = "a_relay_cut_off_mid_transfer_new_connections_fail_over";
+    let Some((outcome, alice)) = failover(test, Cut::Link) else {
+        return;
+    };
+    assert_live_tunnel_stuck_after_silent_relay_loss(&outcome, &alice);
+}
+
+/// Today's behaviour when a live tunnel's relay goes silent (no FIN, no RST): the agents have
+/// no keepalive or timeout on the tunnel, so it neither moves nor closes, and nothing is
+/// logged. A defect, asserted so that it is visible: once the daemon detects a silent relay
+/// (and resumes on another), this is the one place to change, to the same checks as
+/// [`assert_live_tunnel_closed_after_relay_loss`] (or `o.complete` once it resumes).
+fn assert_live_tunnel_stuck_after_silent_relay_loss(o: &LiveOutcome, alice_log: &str) {
+    assert!(
+        o.stuck,
+        "the live tunnel ended by itself {:.1} s after its relay went silent ({:?}): \
+         switch this test to the closed/completed checks",
+        o.after_kill, o.end
+    );
+    assert!(!o.complete && o.received < o.total);
+    assert!(
+        !alice_log.contains("tunnel ended"),
+        "alice's agent ended the tunnel: {alice_log}"
+    );
 }

@@ -608,6 +608,22 @@ impl Fabric {
         assert!(ok, "kill -KILL {pid}");
     }
 
+    /// Cuts relay `i` off: its host drops every packet except on loopback, without telling
+    /// anyone (a dead link). The relay keeps running and its `/status` still answers.
+    pub fn cut_off_relay(&self, i: usize) {
+        let node = self.net.relays[i].node;
+        for chain in [["-I", "INPUT", "-i"], ["-I", "OUTPUT", "-o"]] {
+            self.net
+                .tb
+                .run(
+                    node,
+                    "iptables",
+                    &[chain[0], chain[1], "!", chain[2], "lo", "-j", "DROP"],
+                )
+                .unwrap();
+        }
+    }
+
     /// The broker's address as the namespaces see it.
     pub fn broker_addr(&self) -> &str {
         &self.broker_addr
