@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (rustup) first" >&2; exit 1; }
 # Debian packages the tests use (real servers and tools, never mocks). Add to this list.
-test_packages=(iproute2 iptables ethtool iputils-ping iperf3)
+# python3: the test bed's delay emulator; procps: kill, which the test bed uses to stop processes.
+test_packages=(iproute2 iptables ethtool iputils-ping iperf3 python3 procps)
 need=()
 for pkg in "${test_packages[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
