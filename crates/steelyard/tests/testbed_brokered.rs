@@ -28,6 +28,8 @@ use steelyard_testbed::LinkSpec;
 use testbed_support::{fnv, pattern, topology, Fabric, Shape, FNV_START, RELAYS};
 
 const MIB: usize = 1 << 20;
+/// A tunnel's bytes each way that stay under the agent's goodput report (see the capacity test).
+const SMALL: usize = 16 * 1024;
 
 /// The broker's choice avoids `loser`: another relay wins and `loser` ranks last or is no
 /// candidate at all.
@@ -150,14 +152,15 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
     assert_eq!(d.winner.as_str(), "r0", "{d}");
     assert_eq!(d.rank_of("r1"), Some(1), "{d}");
 
-    // Hold one session on r0: it is full. It moves under the agent's GOODPUT_MIN_BYTES (64 KiB
-    // both ways together) on purpose: the agent reports a tunnel's goodput as its bytes over
-    // its whole life, idle time included, and the broker then ranks the relay by that figure
-    // instead of the measured bandwidth, so a long-held, mostly idle session would make r0 look
-    // like a 0.3 Mbit/s path and lose for that reason, not for capacity.
+    // Hold one session on r0: it is full. Every tunnel here moves under the agent's
+    // GOODPUT_MIN_BYTES (64 KiB both ways together) on purpose: the agent reports a tunnel's
+    // goodput as its bytes over its whole life, idle time and set-up included, and the broker
+    // then ranks the relay by that figure instead of the measured bandwidth; a long-held,
+    // mostly idle session made r0 look like a 0.3 Mbit/s path, which it then lost on (not on
+    // capacity), and 1 MiB tunnels made r1 look like 5 Mbit/s.
     let before = f.all_relay_bytes();
     let mut held = f.tunnel();
-    roundtrip(&mut held, 16 * 1024);
+    roundtrip(&mut held, SMALL);
     assert_eq!(f.tunnel_relays(), ["r0"]);
     assert!(f.all_relay_bytes()[0] > before[0], "r0's counters moved");
     let d = f.wait_decision(Duration::from_secs(10), |d| {
@@ -174,7 +177,7 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
     assert_eq!(d.winner.as_str(), "r1", "the next best wins: {d}");
     println!("r0 full:\n{d}");
     for _ in 0..2 {
-        assert_eq!(f.echo_through_one_relay(MIB), "r1");
+        assert_eq!(f.echo_through_one_relay(SMALL), "r1");
     }
     roundtrip(&mut held, 1024); // still open, still on r0
 
@@ -187,7 +190,7 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
         freed.elapsed().as_secs_f64()
     );
     println!("r0 free:\n{d}");
-    assert_eq!(f.echo_through_one_relay(MIB), "r0");
+    assert_eq!(f.echo_through_one_relay(SMALL), "r0");
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
 }
 
