@@ -42,17 +42,33 @@ fn assert_avoids(d: &Decision, loser: &str) {
     );
 }
 
-/// The common part of the four path scenarios: the broker avoids `loser`, and two tunnels in
-/// a row go through the relay the broker gave them, which is never `loser`.
-fn broker_avoids(test: &str, handicap: impl Fn(usize) -> (LinkSpec, usize) + 'static, loser: &str) {
+/// A candidate's estimated path A → relay → B in a decision.
+fn path<'a>(d: &'a Decision, relay: &str) -> &'a steelyard_select::PathEstimate {
+    &d.ranked
+        .iter()
+        .find(|c| c.relay.as_str() == relay)
+        .unwrap_or_else(|| panic!("{relay} is no candidate: {d}"))
+        .path
+}
+
+/// The common part of the four path scenarios: the broker's view of the paths passes `check`
+/// (the figures the agents reported, summed over both legs), it avoids `loser`, and two
+/// tunnels in a row go through the relay the broker gave them, which is never `loser`.
+fn broker_avoids(
+    test: &str,
+    handicap: impl Fn(usize) -> (LinkSpec, usize) + 'static,
+    loser: &str,
+    check: impl Fn(&Decision),
+) {
     let started = Instant::now();
     let Some(net) = topology(test, &Shape::brokered(handicap)) else {
         return;
     };
     let f = Fabric::start(net, [100; RELAYS]);
     let d = f.explain().unwrap();
-    assert_avoids(&d, loser);
     println!("{d}");
+    check(&d);
+    assert_avoids(&d, loser);
     for _ in 0..2 {
         let relay = f.echo_through_one_relay(MIB);
         assert_ne!(
@@ -69,6 +85,12 @@ fn broker_avoids_the_relay_behind_two_extra_routers() {
         "broker_avoids_the_relay_behind_two_extra_routers",
         |i| (LinkSpec::default(), if i == 2 { 2 } else { 0 }),
         "r2",
+        |d| {
+            // Each peer is one router (the core) from r0 and r1, three from r2.
+            assert_eq!(path(d, "r0").hops, 2, "{d}");
+            assert_eq!(path(d, "r1").hops, 2, "{d}");
+            assert_eq!(path(d, "r2").hops, 6, "{d}");
+        },
     );
 }
 
@@ -84,6 +106,11 @@ fn broker_avoids_the_relay_on_a_slow_link() {
             (spec, 0)
         },
         "r1",
+        |d| {
+            // The smaller leg's bandwidth, within 30 % of the limit.
+            let bw = path(d, "r1").bandwidth_kbps.expect("bandwidth measured");
+            assert!((1_400..=2_600).contains(&bw), "r1 at {bw} kbit/s: {d}");
+        },
     );
 }
 
@@ -103,6 +130,13 @@ fn broker_avoids_the_relay_on_a_lossy_path() {
             (spec, 0)
         },
         "r0",
+        |d| {
+            // Ranked or not (TCP may time out too), r0 is never seen loss-free.
+            if d.rank_of("r0").is_some() {
+                assert!(path(d, "r0").loss > 0.0, "{d}");
+            }
+            assert_eq!(path(d, "r1").loss, 0.0, "{d}");
+        },
     );
 }
 
@@ -118,6 +152,11 @@ fn broker_avoids_the_relay_behind_a_delayed_path() {
             (spec, 0)
         },
         "r2",
+        |d| {
+            // 20 ms each way on both legs: 80 ms more; a floor only, the machine adds noise.
+            let extra = path(d, "r2").rtt_ms - path(d, "r0").rtt_ms;
+            assert!(extra >= 60.0, "r2 only {extra} ms slower: {d}");
+        },
     );
 }
 
