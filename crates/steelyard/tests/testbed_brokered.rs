@@ -8,8 +8,9 @@
 //!   RTT: the broker avoids it;
 //! * the best relay at capacity: the next best wins, and wins back when it frees up;
 //! * alice behind NAT; bob with UDP blocked (he reports the relays by TCP);
-//! * the chosen relay killed mid-transfer: new connections go through another relay, and the
-//!   live tunnel closes.
+//! * the chosen relay killed, or silently cut off, mid-transfer: new connections go through
+//!   another relay (the times are printed); the live tunnel closes (killed) or is stuck (cut
+//!   off), which is today's behaviour until the agent daemon resumes tunnels.
 //!
 //! Needs root for namespaces: outside CI without root the tests say SKIPPED loudly; under CI
 //! they fail instead. The direct measurement checks live in `testbed_paths.rs`.
