@@ -6,7 +6,12 @@
 //!   exponential backoff and jitter ([`Backoff`]).
 //! * **Reports.** The relay map (assembled from its pages by [`RelayMapPages`]) is measured with
 //!   [`measure::measure_all`] every `interval_ms` plus a random share of `jitter_ms`, at once
-//!   after a relay-map change, and when the broker sends `report_now`.
+//!   after a relay-map change, and when the broker sends `report_now`. Early (at most one
+//!   measurement start per [`EARLY_REPORT_GAP`]): when a tunnel breaks, and when a watch finds
+//!   a path moved beyond the broker's triggers (`rtt_change_ratio`, `on_reachability_change`):
+//!   every [`watch_period`] between reports, a train of [`measure::WATCH_PROBES`] probes per
+//!   relay (no TCP connect, no burst; with the default 64-byte probes 192 bytes each way per
+//!   relay and watch, four watches per report interval).
 //! * **Offers.** [`decide_offer`] applies the offer policy and the `[services]` table; an
 //!   accepted offer dials the relay with its ticket and runs the Noise KK tunnel as responder
 //!   (binding = session id, peer key = the one the broker vouches for, see [`identity`]). The
@@ -35,8 +40,8 @@
 //!
 //! What this module does **not** do (yet): UDP services (offers for UDP are refused), detect a
 //! relay that stops forwarding without closing its connections (a tunnel waits on TCP), resume
-//! after the agent process restarts, trigger reports on RTT changes, or authenticate control
-//! clients beyond requiring a loopback address.
+//! after the agent process restarts, watch loss between reports (only RTT and reachability), or
+//! authenticate control clients beyond requiring a loopback address.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -61,7 +66,7 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{broker_ws_url, AgentConfig};
 use crate::identity::{self, IdentityError};
-use crate::measure::{self, MeasureConfig, RelayTarget};
+use crate::measure::{self, MeasureConfig, RelayTarget, Reported, TrainResult};
 use crate::resume::{self as tunnel_resume, Attach, AttachReply, ResumeConfig, RESUME_ID_LEN};
 use crate::tunnel::{Role, StaticKeypair, Tunnel, TunnelConfig, TunnelError};
 
@@ -79,6 +84,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const PAIR_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest Noise handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest time between the starts of two measurements when reporting early.
+pub const EARLY_REPORT_GAP: Duration = Duration::from_secs(1);
+
+/// How often the paths are watched between reports: a quarter of the report interval, within
+/// 500 ms..=10 s.
+pub fn watch_period(interval_ms: u64) -> Duration {
+    Duration::from_millis((interval_ms / 4).clamp(500, 10_000))
+}
+
 /// How many other relays a new tunnel tries when the chosen one cannot be reached.
 pub const NEW_TUNNEL_RELAY_RETRIES: usize = 2;
 /// Messages queued towards the broker.
@@ -371,6 +385,8 @@ struct Shared {
     next_id: AtomicU64,
     tunnels: Arc<Semaphore>,
     measure: MeasureConfig,
+    /// A tunnel broke: measure and report now (its relay or the path to it may be gone).
+    measure_now: tokio::sync::Notify,
     /// Live accepted streams, for tunnels that resume them.
     streams: Mutex<HashMap<StreamKey, mpsc::Sender<Resumed>>>,
     resume: ResumeConfig,
@@ -430,6 +446,7 @@ impl Agent {
                 next_id: AtomicU64::new(1),
                 tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
                 measure: MeasureConfig::default(),
+                measure_now: tokio::sync::Notify::new(),
                 streams: Mutex::new(HashMap::new()),
                 resume,
                 resume_timeout,
@@ -634,9 +651,63 @@ where
 
     let mut next_measure = tokio::time::Instant::now();
     let mut measuring: Option<tokio::task::JoinHandle<Option<AgentReport>>> = None;
+    // Watches between reports (see `measure::path_change`), on when the broker set a trigger.
+    let watch_on = schedule.rtt_change_ratio > 0.0 || schedule.on_reachability_change;
+    let watch_every = watch_period(schedule.interval_ms);
+    let mut next_watch = tokio::time::Instant::now() + watch_every;
+    let mut watching: Option<tokio::task::JoinHandle<Vec<(String, TrainResult)>>> = None;
+    let mut reported: Option<HashMap<String, Reported>> = None;
+    let mut last_started = tokio::time::Instant::now();
+    // An early report (path change, lost tunnel): at once, but not within EARLY_REPORT_GAP of
+    // the last measurement's start.
+    let early = |next: tokio::time::Instant, last_started: tokio::time::Instant| {
+        next.min((last_started + EARLY_REPORT_GAP).max(tokio::time::Instant::now()))
+    };
     loop {
         tokio::select! {
+            _ = shared.measure_now.notified() => {
+                tracing::debug!("a tunnel broke: reporting early");
+                next_measure = early(next_measure, last_started);
+            }
+            _ = tokio::time::sleep_until(next_watch),
+                if watch_on && reported.is_some() && watching.is_none() && measuring.is_none() => {
+                let targets = targets(map.relays());
+                let (mcfg, parallel) = (shared.measure.clone(), shared.measure.parallel);
+                watching = Some(tokio::spawn(async move {
+                    futures_util::stream::iter(targets)
+                        .map(|t| {
+                            let mcfg = mcfg.clone();
+                            async move {
+                                let train = measure::watch_relay(&t, &mcfg).await;
+                                train.map(|r| (t.id.as_str().to_owned(), r))
+                            }
+                        })
+                        .buffer_unordered(parallel)
+                        .filter_map(std::future::ready)
+                        .collect()
+                        .await
+                }));
+            }
+            done = async { watching.as_mut().expect("guarded").await }, if watching.is_some() => {
+                watching = None;
+                next_watch = tokio::time::Instant::now() + watch_every;
+                let last = reported.as_ref();
+                let reason = done.unwrap_or_default().iter().find_map(|(relay, train)| {
+                    measure::path_change(
+                        relay,
+                        last.and_then(|r| r.get(relay).copied()),
+                        train,
+                        schedule.rtt_change_ratio,
+                        schedule.on_reachability_change,
+                    )
+                });
+                if let Some(reason) = reason {
+                    tracing::info!("{reason}: reporting before the schedule");
+                    next_measure = early(next_measure, last_started);
+                }
+            }
             _ = tokio::time::sleep_until(next_measure), if measuring.is_none() => {
+                last_started = tokio::time::Instant::now();
                 let jitter = if schedule.jitter_ms > 0 { random_u64() % schedule.jitter_ms } else { 0 };
                 next_measure = tokio::time::Instant::now()
                     + Duration::from_millis(schedule.interval_ms.max(100) + jitter);
@@ -663,6 +734,10 @@ where
                 measuring = None;
                 if let Ok(Some(report)) = done {
                     tracing::debug!(paths = report.paths.len(), "report");
+                    reported = Some(report.paths.iter().map(|p| {
+                        (p.relay.clone(), Reported { udp_rtt_ms: p.udp.then_some(p.rtt_ms) })
+                    }).collect());
+                    next_watch = tokio::time::Instant::now() + watch_every;
                     send_ws(&mut ws, &AgentMessage::Report(report)).await?;
                 }
             }
@@ -986,7 +1061,7 @@ async fn handle_offer(shared: Arc<Shared>, offer: Offer, tx: mpsc::Sender<AgentM
     };
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let current = Arc::new(Mutex::new(offer.session_id.clone()));
-    let (rx2, cur2, sh2) = (rx.clone(), current.clone(), shared.clone());
+    let (rx2, cur2, sh2, sh3) = (rx.clone(), current.clone(), shared.clone(), shared.clone());
     let timeout = shared.resume_timeout;
     // A replaced session is over at the broker; the last one reports the stream's bytes.
     let take = move |(t, session): Resumed| {
@@ -1000,6 +1075,7 @@ async fn handle_offer(shared: Arc<Shared>, offer: Offer, tx: mpsc::Sender<AgentM
         conn,
         tunnel,
         |_| {
+            sh3.measure_now.notify_one();
             let (rx, take) = (rx2.clone(), take.clone());
             async move {
                 let next = tokio::time::timeout(timeout, async { rx.lock().await.recv().await });
@@ -1154,6 +1230,7 @@ async fn resume_opening(
         (o.session_id.clone(), o.relay_id.clone())
     };
     lock(&opened).avoid(&old_relay);
+    shared.measure_now.notify_one();
     report_end(&shared, old_session, None, None, None).await;
     let timeout = shared.resume_timeout;
     let deadline = Instant::now() + timeout;

@@ -32,6 +32,10 @@
 //! Bytes per report cycle are fixed by the configuration: see [`MeasureConfig::udp_budget`]
 //! (the integration tests check the real counters against it).
 //!
+//! Between reports, [`watch_relay`] sends a short train ([`WATCH_PROBES`] probes, no TCP, no
+//! burst) and [`path_change`] decides whether the path moved beyond the broker's triggers, so
+//! the caller can report before the schedule.
+//!
 //! What this module does not do: schedule cycles or send reports (the broker sets the schedule
 //! and the broker channel sends them), TTL scans with `IP_RECVERR`, or measure location.
 
@@ -691,6 +695,64 @@ pub async fn measure_relay(target: &RelayTarget, cfg: &MeasureConfig) -> Measure
     }
 }
 
+/// Between reports, a light check of the paths: what the last report said about one relay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reported {
+    /// The reported RTT, ms, when the relay answered over UDP.
+    pub udp_rtt_ms: Option<f64>,
+}
+
+/// Probe trains of [`WATCH_PROBES`] echo requests, no TCP connect, no burst: the watch between
+/// two reports. Per relay and watch: `WATCH_PROBES × probe_len` bytes each way.
+pub const WATCH_PROBES: u16 = 3;
+/// An RTT change smaller than this never counts as a path change (loopback and LAN jitter).
+pub const MIN_RTT_CHANGE_MS: f64 = 1.0;
+
+/// Whether a watch result differs enough from the last report to report before the schedule:
+/// the relay became reachable or unreachable over UDP (when `on_reachability` is set), or its
+/// RTT moved by more than `rtt_ratio` of the reported one (and by at least
+/// [`MIN_RTT_CHANGE_MS`]; `rtt_ratio` ≤ 0 turns this off). `before` is `None` for a relay the
+/// last report did not list. The reason says which relay and what moved. Sans-I/O.
+pub fn path_change(
+    relay: &str,
+    before: Option<Reported>,
+    now: &TrainResult,
+    rtt_ratio: f64,
+    on_reachability: bool,
+) -> Option<String> {
+    let before_rtt = before.and_then(|b| b.udp_rtt_ms);
+    match (before_rtt, now.rtt_ms) {
+        (Some(_), None) if on_reachability => {
+            Some(format!("relay {relay} stopped answering over UDP"))
+        }
+        (None, Some(rtt)) if on_reachability => Some(format!(
+            "relay {relay} answers over UDP again ({rtt:.1} ms)"
+        )),
+        (Some(a), Some(b))
+            if rtt_ratio > 0.0
+                && (b - a).abs() >= MIN_RTT_CHANGE_MS
+                && (b - a).abs() > rtt_ratio * a =>
+        {
+            Some(format!(
+                "RTT to relay {relay} moved from {a:.1} ms to {b:.1} ms (more than {:.0} %)",
+                rtt_ratio * 100.0
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The watch of one relay: a train of [`WATCH_PROBES`] echo requests with `cfg`'s length,
+/// spacing and timeout; `None` when the relay has no probe address.
+pub async fn watch_relay(target: &RelayTarget, cfg: &MeasureConfig) -> Option<TrainResult> {
+    let addr = target.probe?;
+    let cfg = MeasureConfig {
+        probes: WATCH_PROBES,
+        ..cfg.clone()
+    };
+    Some(run_train(addr, &cfg, &mut Traffic::default()).await)
+}
+
 /// The result of one report cycle.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CycleReport {
@@ -759,6 +821,47 @@ mod tests {
             load: 12,
             draining: false,
         })
+    }
+
+    #[test]
+    fn path_changes_follow_the_triggers() {
+        let train = |rtt: Option<f64>| TrainResult {
+            sent: 3,
+            answered: if rtt.is_some() { 3 } else { 0 },
+            rtt_ms: rtt,
+            loss: if rtt.is_some() { 0.0 } else { 1.0 },
+            observed_ttl: None,
+            load: None,
+            draining: false,
+        };
+        let was = |rtt| {
+            Some(Reported {
+                udp_rtt_ms: Some(rtt),
+            })
+        };
+        // RTT: beyond the ratio and the floor.
+        let r = path_change("r1", was(10.0), &train(Some(20.0)), 0.5, true).unwrap();
+        assert!(r.contains("from 10.0 ms to 20.0 ms"), "{r}");
+        assert_eq!(
+            path_change("r1", was(10.0), &train(Some(14.0)), 0.5, true),
+            None
+        );
+        assert_eq!(
+            path_change("r1", was(0.1), &train(Some(0.9)), 0.5, true),
+            None
+        );
+        assert_eq!(
+            path_change("r1", was(10.0), &train(Some(40.0)), 0.0, true),
+            None
+        );
+        // Reachability, only when asked for.
+        let r = path_change("r1", was(10.0), &train(None), 0.5, true).unwrap();
+        assert!(r.contains("stopped answering"), "{r}");
+        assert_eq!(path_change("r1", was(10.0), &train(None), 0.5, false), None);
+        let r = path_change("r1", None, &train(Some(3.0)), 0.5, true).unwrap();
+        assert!(r.contains("answers over UDP again"), "{r}");
+        let tcp_only = Some(Reported { udp_rtt_ms: None });
+        assert_eq!(path_change("r1", tcp_only, &train(None), 0.5, true), None);
     }
 
     #[test]
