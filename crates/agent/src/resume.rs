@@ -18,7 +18,9 @@
 //! ([`ResumeError::CannotResume`]), never a silent gap.
 //!
 //! The session ends when both ends of stream have been sent, received and acknowledged; the
-//! local connection is then half-closed in both directions and the tunnel shut down.
+//! local connection is then half-closed in both directions and the tunnel shut down. A side
+//! whose local connection fails sends an abort frame (best effort) so that the peer closes its
+//! local connection at once instead of waiting for a resume ([`ResumeError::PeerAborted`]).
 //!
 //! Which stream a tunnel carries is settled inside its Noise handshake: the opening side's
 //! payload is an [`Attach`] (a new stream, or the resumption of one, by a random id), the
@@ -163,6 +165,9 @@ pub enum ResumeError {
     /// Reading or writing the local connection failed.
     #[error("local connection error: {0}")]
     Local(std::io::Error),
+    /// The peer gave up the stream (its local connection failed).
+    #[error("the peer aborted the stream: {0}")]
+    PeerAborted(String),
     /// A configuration value out of range.
     #[error("resume setting out of range: {0}")]
     Config(&'static str),
@@ -477,6 +482,7 @@ where
     tw.send_ack(received, end_received).await?;
     let (peer_received, peer_end) = match tr.recv_frame().await? {
         Frame::Ack { received, end } => (received, end),
+        Frame::Abort(why) => return Err(ResumeError::PeerAborted(why.to_owned())),
         _ => {
             return Err(TunnelError::Protocol(
                 "a resumed tunnel must start with an acknowledgement",
@@ -515,7 +521,11 @@ where
                 )
             };
             if let Some(kind) = local_failed {
-                return Err(ResumeError::Local(kind.into()));
+                let e = std::io::Error::from(kind);
+                let _ = tw
+                    .send_abort(&format!("its local connection failed: {e}"))
+                    .await;
+                return Err(ResumeError::Local(e));
             }
             if let Some((r, e)) = ack {
                 tw.send_ack(r, e).await?;
@@ -530,7 +540,13 @@ where
                 biased;
                 _ = notify.notified() => {}
                 r = lr.read(&mut buf[..free]), if !end_queued && free > 0 => {
-                    let n = r.map_err(ResumeError::Local)?;
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tw.send_abort(&format!("its local connection failed: {e}")).await;
+                            return Err(ResumeError::Local(e));
+                        }
+                    };
                     if n == 0 {
                         lock().end_queued = true;
                         tw.send_end().await?;
@@ -563,6 +579,7 @@ where
                     *tx = None;
                 }
                 Ok(Frame::Ack { received, end }) => lock().on_ack(received, end)?,
+                Ok(Frame::Abort(why)) => return Err(ResumeError::PeerAborted(why.to_owned())),
                 // The peer closes once it is done; if we are done too, that is the end.
                 Err(e) if lock().done() => {
                     tracing::debug!(error = %e, "tunnel closed after completion");

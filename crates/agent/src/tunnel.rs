@@ -20,8 +20,9 @@
 //! 2. Transport: every frame is one ChaCha20-Poly1305 message with an implicit nonce (the frame
 //!    counter of its direction). Its plaintext is a type byte then data: `0` = data (at most
 //!    [`MAX_CHUNK`] bytes), `1` = end of stream (no data; the sender will send nothing more),
-//!    `2` = acknowledgement (u64 bytes received, u8 end of stream received; used only by the
-//!    resumable layer in [`crate::resume`], an error in a plain tunnel).
+//!    `2` = acknowledgement (u64 bytes received, u8 end of stream received), `3` = abort (a
+//!    UTF-8 reason of at most [`MAX_ABORT_REASON`] bytes); `2` and `3` are used only by the
+//!    resumable layer in [`crate::resume`] and are errors in a plain tunnel.
 //!
 //! The relay sees only lengths and ciphertext. Any change to a frame, a dropped, repeated or
 //! reordered frame, fails authentication ([`TunnelError::AuthenticationFailed`]); a stream that
@@ -64,6 +65,9 @@ const TAG_LEN: usize = 16;
 const FRAME_DATA: u8 = 0;
 const FRAME_END: u8 = 1;
 const FRAME_ACK: u8 = 2;
+const FRAME_ABORT: u8 = 3;
+/// Longest reason in an abort frame, bytes.
+pub const MAX_ABORT_REASON: usize = 200;
 
 /// One decrypted frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +83,9 @@ pub enum Frame<'a> {
         /// Whether the end of stream was received.
         end: bool,
     },
+    /// The peer gives up the stream for the reason given (resumable layer): do not wait for
+    /// it to resume.
+    Abort(&'a str),
 }
 
 /// Why a tunnel failed.
@@ -437,6 +444,16 @@ impl<W: AsyncWrite + Unpin> TunnelWriter<W> {
         self.send_frame(FRAME_ACK, &body).await
     }
 
+    /// Sends an abort frame with `reason` (cut to [`MAX_ABORT_REASON`] bytes; resumable layer).
+    pub async fn send_abort(&mut self, reason: &str) -> Result<(), TunnelError> {
+        let mut end = reason.len().min(MAX_ABORT_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.send_frame(FRAME_ABORT, &reason.as_bytes()[..end])
+            .await
+    }
+
     /// Shuts down the write half of the underlying stream.
     pub async fn shutdown(&mut self) -> Result<(), TunnelError> {
         self.w.shutdown().await?;
@@ -464,8 +481,8 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
         match self.recv_frame().await? {
             Frame::Data(d) => Ok(Some(d)),
             Frame::End => Ok(None),
-            Frame::Ack { .. } => Err(TunnelError::Protocol(
-                "acknowledgement frame in a plain (non-resumable) tunnel",
+            Frame::Ack { .. } | Frame::Abort(_) => Err(TunnelError::Protocol(
+                "acknowledgement or abort frame in a plain (non-resumable) tunnel",
             )),
         }
     }
@@ -501,6 +518,11 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
                         received: u64::from_be_bytes(r),
                         end: body[8] == 1,
                     });
+                }
+                Some((&FRAME_ABORT, why)) if why.len() <= MAX_ABORT_REASON => {
+                    return std::str::from_utf8(&self.plain[1..m])
+                        .map(Frame::Abort)
+                        .map_err(|_| TunnelError::Protocol("abort reason is not UTF-8"))
                 }
                 _ => return Err(TunnelError::Protocol("unknown or malformed frame")),
             }

@@ -1,6 +1,7 @@
 //! A resumable tunnel survives the death of its relay: the relay is killed mid-transfer, both
 //! agents move to a second relay, and every byte arrives exactly once; a newer tunnel replaces
-//! one that still looks alive on the accepting side; a failed reconnect is a clear error.
+//! one that still looks alive on the accepting side; a failed reconnect is a clear error; a
+//! local reset on one side ends the other at once.
 
 mod common;
 
@@ -392,4 +393,67 @@ async fn a_newer_tunnel_preempts_one_that_still_looks_alive() {
     );
     assert_eq!((sa.resumes, sb.resumes), (1, 1));
     assert_eq!((sa.sent, sb.received), (LEN as u64, LEN as u64));
+}
+
+/// A local connection that fails (reset) on one side ends the stream on both at once: the
+/// failing side sends an abort, and the other closes its local connection instead of waiting
+/// for a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_reset_aborts_the_peer_at_once() {
+    use steelyard_agent::resume::ResumeError;
+    let a = StaticKeypair::generate().unwrap();
+    let b = StaticKeypair::generate().unwrap();
+    let tcfg = |role, local: &StaticKeypair, remote: &StaticKeypair| TunnelConfig {
+        role,
+        local: local.clone(),
+        remote_public: remote.public,
+        binding: b"abort".to_vec(),
+        handshake_timeout: common::WAIT,
+    };
+    let (sa, sb) = tokio::io::duplex(1 << 16);
+    let (ca, cb) = (tcfg(Role::Initiator, &a, &b), tcfg(Role::Responder, &b, &a));
+    let (ta, tb) = tokio::join!(Tunnel::handshake(sa, &ca), Tunnel::handshake(sb, &cb));
+    let (ta, tb) = (ta.unwrap(), tb.unwrap());
+
+    // A's local side: a TCP connection the app resets.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (a_local, _) = l.accept().await.unwrap();
+    // B's local side: the service, which must see its connection end.
+    let (mut service, b_local) = tokio::io::duplex(1 << 16);
+    let cfg = ResumeConfig::default();
+    let cfg_b = cfg.clone();
+    let never = |_| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err::<Tunnel<tokio::io::DuplexStream>, _>(TunnelError::Resume("no resume".into()))
+    };
+    let agent_a = tokio::spawn(async move { resumable_bridge(a_local, ta, never, &cfg).await });
+    let agent_b = tokio::spawn(async move { resumable_bridge(b_local, tb, never, &cfg_b).await });
+
+    app.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    service.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    app.set_zero_linger().unwrap();
+    drop(app);
+
+    let t0 = Instant::now();
+    let eb = tokio::time::timeout(Duration::from_secs(10), agent_b)
+        .await
+        .expect("B ended without waiting for a resume")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(eb, ResumeError::PeerAborted(_)), "{eb}");
+    assert!(
+        eb.to_string()
+            .starts_with("the peer aborted the stream: its local connection failed"),
+        "{eb}"
+    );
+    let ea = agent_a.await.unwrap().unwrap_err();
+    assert!(matches!(ea, ResumeError::Local(_)), "{ea}");
+    // The service's connection ended too (no half-close pretending the stream was complete:
+    // it was dropped).
+    let mut rest = Vec::new();
+    let _ = service.read_to_end(&mut rest).await;
+    eprintln!("abort reached B after {:?}: {eb}", t0.elapsed());
 }
