@@ -2,7 +2,8 @@
 //!
 //! * [`measure`]: measures the path to every relay of the relay map (RTT from a UDP probe
 //!   train, loss, hop count from the relay-observed TTL, TCP reachability and connect time,
-//!   available bandwidth from the relay's burst endpoint) and turns it into the
+//!   available bandwidth from the relay's burst endpoint; a TTL scan with `IP_RECVERR` when
+//!   the relay sees no TTL; a light watch between reports) and turns it into the
 //!   [`steelyard_select::PathMetrics`] the broker selects with.
 //! * [`tunnel`]: an end-to-end encrypted, authenticated tunnel (Noise KK) over a relayed TCP
 //!   session, and the bridge between it and a local TCP connection, with half-close.
