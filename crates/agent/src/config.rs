@@ -18,6 +18,11 @@
 //!
 //! [offers]                                   # which peers may connect; default: everyone
 //! allow = ["office-pc"]
+//!
+//! [resume]                                   # live tunnels moving to another relay; defaults:
+//! max_replay_kib = 1024                      # unacknowledged bytes kept per tunnel direction
+//! max_resumes = 8                            # relay failures one tunnel survives
+//! timeout_ms = 10000                         # time to find a new relay before giving up
 //! ```
 //!
 //! Unknown keys are errors. What this module does not do: read flags or the environment
@@ -66,6 +71,33 @@ pub struct OfferPolicy {
     pub allow: Vec<String>,
 }
 
+/// How live tunnels move to another relay when theirs fails (see `crate::resume`). Both
+/// agents of a tunnel use their own settings; the replay buffer is the memory bound: each
+/// tunnel holds at most `max_replay_kib` KiB per direction at each end.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResumeSettings {
+    /// Most unacknowledged bytes kept for retransmission, KiB, 16..=65536. It also bounds the
+    /// bytes in flight per tunnel direction (throughput ≤ this per round trip).
+    pub max_replay_kib: usize,
+    /// Most relay failures one tunnel survives, 0..=1000; 0 closes a tunnel when its relay
+    /// fails.
+    pub max_resumes: u32,
+    /// How long to keep trying to resume after a failure, ms, 100..=600000; then the tunnel
+    /// closes with an error.
+    pub timeout_ms: u64,
+}
+
+impl Default for ResumeSettings {
+    fn default() -> Self {
+        Self {
+            max_replay_kib: 1024,
+            max_resumes: 8,
+            timeout_ms: 10_000,
+        }
+    }
+}
+
 /// The agent's whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,6 +127,9 @@ pub struct AgentConfig {
     /// Which offers to accept.
     #[serde(default)]
     pub offers: OfferPolicy,
+    /// Resuming live tunnels on another relay.
+    #[serde(default)]
+    pub resume: ResumeSettings,
 }
 
 fn default_control() -> SocketAddr {
@@ -153,6 +188,25 @@ impl AgentConfig {
                 ));
             }
         }
+        let r = &self.resume;
+        if !(16..=65536).contains(&r.max_replay_kib) {
+            return bad(format!(
+                "resume.max_replay_kib = {} must be 16..=65536",
+                r.max_replay_kib
+            ));
+        }
+        if r.max_resumes > 1000 {
+            return bad(format!(
+                "resume.max_resumes = {} must be 0..=1000",
+                r.max_resumes
+            ));
+        }
+        if !(100..=600_000).contains(&r.timeout_ms) {
+            return bad(format!(
+                "resume.timeout_ms = {} must be 100..=600000",
+                r.timeout_ms
+            ));
+        }
         for p in &self.offers.allow {
             if !is_valid_id(p) {
                 return bad(format!("offers.allow: {p:?} is not a peer id"));
@@ -201,6 +255,12 @@ allow = ["a"]
         assert!(e.to_string().contains("must start with"), "{e}");
         let e = AgentConfig::parse(&format!("control = \"0.0.0.0:1\"\n{GOOD}"), "t").unwrap_err();
         assert!(e.to_string().contains("loopback"), "{e}");
+        assert_eq!(c.resume, ResumeSettings::default());
+        let r = AgentConfig::parse(&format!("{GOOD}\n[resume]\nmax_resumes = 2\n"), "t").unwrap();
+        assert_eq!((r.resume.max_resumes, r.resume.timeout_ms), (2, 10_000));
+        let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nmax_replay_kib = 1\n"), "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("max_replay_kib = 1 must be"), "{e}");
         assert_eq!(
             broker_ws_url("https://b.example:7443/").as_deref(),
             Some("wss://b.example:7443/v1/agent")

@@ -6,25 +6,42 @@
 //!   exponential backoff and jitter ([`Backoff`]).
 //! * **Reports.** The relay map (assembled from its pages by [`RelayMapPages`]) is measured with
 //!   [`measure::measure_all`] every `interval_ms` plus a random share of `jitter_ms`, at once
-//!   after a relay-map change, and when the broker sends `report_now`.
+//!   after a relay-map change, and when the broker sends `report_now`. Early (at most one
+//!   measurement start per [`EARLY_REPORT_GAP`]): when a tunnel breaks, and when a watch finds
+//!   a path moved beyond the broker's triggers (`rtt_change_ratio`, `on_reachability_change`):
+//!   every [`watch_period`] between reports, a train of [`measure::WATCH_PROBES`] probes per
+//!   relay (no TCP connect, no burst; with the default 64-byte probes 192 bytes each way per
+//!   relay and watch, four watches per report interval).
 //! * **Offers.** [`decide_offer`] applies the offer policy and the `[services]` table; an
-//!   accepted offer dials the relay with its ticket, runs the Noise KK tunnel as responder
-//!   (binding = session id, peer key = the one the broker vouches for, see [`identity`]),
-//!   connects to the local service and bridges. A refused offer is answered with the reason.
+//!   accepted offer dials the relay with its ticket and runs the Noise KK tunnel as responder
+//!   (binding = session id, peer key = the one the broker vouches for, see [`identity`]). The
+//!   opening side's handshake payload ([`Attach`]) says whether the tunnel starts a new stream
+//!   (the agent connects the local service, answering the refusal in the handshake if it
+//!   cannot) or resumes a live one (the tunnel is handed to that stream's bridge). A refused
+//!   offer is answered with the reason.
 //! * **Control endpoint** (loopback TCP, [`AgentConfig::control`]). A client (`steelyard
 //!   connect`, or [`open_via_agent`]) sends one JSON line [`ControlRequest`]; the agent asks the
 //!   broker, dials the relay, runs the tunnel as initiator and answers one JSON line
 //!   [`ControlReply`]; after an `ok` reply the control connection *is* the tunnel's plaintext
-//!   end. So the identity key never leaves the agent.
+//!   end. So the identity key never leaves the agent. A relay that cannot be dialled is
+//!   avoided in up to [`NEW_TUNNEL_RELAY_RETRIES`] further requests.
+//! * **Failover.** Both ends bridge through [`crate::resume`]. When the tunnel breaks, the
+//!   opening side asks the broker for a new session to the same service, naming the relays it
+//!   lost tunnels through (`avoid`), and opens a tunnel with [`Attach::Resume`] and the
+//!   stream's random resume id; the accepting side attaches it to the live stream (keyed by
+//!   the authenticated peer and the id), and both retransmit what the other lacks. Bounded by
+//!   `[resume]` in the config: replay buffer, resumes per stream, time to give up; then the
+//!   local connection is dropped and the error logged.
 //! * **Session end.** Each side sends `session_ended` with the bytes moved. The initiator adds
 //!   the end-to-end RTT (the Noise KK handshake is exactly one round trip A → relay → B →
-//!   relay → A) and, for tunnels that moved at least [`GOODPUT_MIN_BYTES`], the average
-//!   goodput.
+//!   relay → A) and, for tunnels that moved at least [`GOODPUT_MIN_BYTES`] over one relay,
+//!   the average goodput. A session replaced by a resume is reported ended without bytes; the
+//!   last one carries the stream's totals.
 //!
-//! What this module does **not** do (yet): UDP services (offers for UDP are refused), moving
-//! live tunnels to another relay (see [`crate::resume`]; a tunnel whose relay dies closes with
-//! an error), trigger reports on RTT changes, or authenticate control clients beyond requiring
-//! a loopback address.
+//! What this module does **not** do (yet): UDP services (offers for UDP are refused), detect a
+//! relay that stops forwarding without closing its connections (a tunnel waits on TCP), resume
+//! after the agent process restarts, watch loss between reports (only RTT and reachability), or
+//! authenticate control clients beyond requiring a loopback address.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -49,8 +66,9 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::config::{broker_ws_url, AgentConfig};
 use crate::identity::{self, IdentityError};
-use crate::measure::{self, MeasureConfig, RelayTarget};
-use crate::tunnel::{self, Role, StaticKeypair, Tunnel, TunnelConfig};
+use crate::measure::{self, MeasureConfig, RelayTarget, Reported, TrainResult};
+use crate::resume::{self as tunnel_resume, Attach, AttachReply, ResumeConfig, RESUME_ID_LEN};
+use crate::tunnel::{Role, StaticKeypair, Tunnel, TunnelConfig, TunnelError};
 
 /// Longest control request or reply line, bytes.
 pub const MAX_CONTROL_LINE: usize = 4096;
@@ -66,6 +84,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 pub const PAIR_TIMEOUT: Duration = Duration::from_secs(15);
 /// Longest Noise handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest time between the starts of two measurements when reporting early.
+pub const EARLY_REPORT_GAP: Duration = Duration::from_secs(1);
+
+/// How often the paths are watched between reports: a quarter of the report interval, within
+/// 500 ms..=10 s.
+pub fn watch_period(interval_ms: u64) -> Duration {
+    Duration::from_millis((interval_ms / 4).clamp(500, 10_000))
+}
+
+/// How many other relays a new tunnel tries when the chosen one cannot be reached.
+pub const NEW_TUNNEL_RELAY_RETRIES: usize = 2;
 /// Messages queued towards the broker.
 const OUT_QUEUE: usize = 256;
 
@@ -356,6 +385,12 @@ struct Shared {
     next_id: AtomicU64,
     tunnels: Arc<Semaphore>,
     measure: MeasureConfig,
+    /// A tunnel broke: measure and report now (its relay or the path to it may be gone).
+    measure_now: tokio::sync::Notify,
+    /// Live accepted streams, for tunnels that resume them.
+    streams: Mutex<HashMap<StreamKey, mpsc::Sender<Resumed>>>,
+    resume: ResumeConfig,
+    resume_timeout: Duration,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -387,6 +422,13 @@ impl Agent {
     pub async fn bind(cfg: AgentConfig) -> Result<Self, DaemonError> {
         cfg.validate()?;
         let key = identity::load_or_create(&cfg.key_file)?;
+        let max_replay = cfg.resume.max_replay_kib * 1024;
+        let resume = ResumeConfig {
+            max_replay,
+            ack_every: max_replay / 4,
+            max_resumes: cfg.resume.max_resumes,
+        };
+        let resume_timeout = Duration::from_millis(cfg.resume.timeout_ms);
         let control =
             TcpListener::bind(cfg.control)
                 .await
@@ -404,6 +446,10 @@ impl Agent {
                 next_id: AtomicU64::new(1),
                 tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
                 measure: MeasureConfig::default(),
+                measure_now: tokio::sync::Notify::new(),
+                streams: Mutex::new(HashMap::new()),
+                resume,
+                resume_timeout,
             }),
             control,
         })
@@ -605,9 +651,63 @@ where
 
     let mut next_measure = tokio::time::Instant::now();
     let mut measuring: Option<tokio::task::JoinHandle<Option<AgentReport>>> = None;
+    // Watches between reports (see `measure::path_change`), on when the broker set a trigger.
+    let watch_on = schedule.rtt_change_ratio > 0.0 || schedule.on_reachability_change;
+    let watch_every = watch_period(schedule.interval_ms);
+    let mut next_watch = tokio::time::Instant::now() + watch_every;
+    let mut watching: Option<tokio::task::JoinHandle<Vec<(String, TrainResult)>>> = None;
+    let mut reported: Option<HashMap<String, Reported>> = None;
+    let mut last_started = tokio::time::Instant::now();
+    // An early report (path change, lost tunnel): at once, but not within EARLY_REPORT_GAP of
+    // the last measurement's start.
+    let early = |next: tokio::time::Instant, last_started: tokio::time::Instant| {
+        next.min((last_started + EARLY_REPORT_GAP).max(tokio::time::Instant::now()))
+    };
     loop {
         tokio::select! {
+            _ = shared.measure_now.notified() => {
+                tracing::debug!("a tunnel broke: reporting early");
+                next_measure = early(next_measure, last_started);
+            }
+            _ = tokio::time::sleep_until(next_watch),
+                if watch_on && reported.is_some() && watching.is_none() && measuring.is_none() => {
+                let targets = targets(map.relays());
+                let (mcfg, parallel) = (shared.measure.clone(), shared.measure.parallel);
+                watching = Some(tokio::spawn(async move {
+                    futures_util::stream::iter(targets)
+                        .map(|t| {
+                            let mcfg = mcfg.clone();
+                            async move {
+                                let train = measure::watch_relay(&t, &mcfg).await;
+                                train.map(|r| (t.id.as_str().to_owned(), r))
+                            }
+                        })
+                        .buffer_unordered(parallel)
+                        .filter_map(std::future::ready)
+                        .collect()
+                        .await
+                }));
+            }
+            done = async { watching.as_mut().expect("guarded").await }, if watching.is_some() => {
+                watching = None;
+                next_watch = tokio::time::Instant::now() + watch_every;
+                let last = reported.as_ref();
+                let reason = done.unwrap_or_default().iter().find_map(|(relay, train)| {
+                    measure::path_change(
+                        relay,
+                        last.and_then(|r| r.get(relay).copied()),
+                        train,
+                        schedule.rtt_change_ratio,
+                        schedule.on_reachability_change,
+                    )
+                });
+                if let Some(reason) = reason {
+                    tracing::info!("{reason}: reporting before the schedule");
+                    next_measure = early(next_measure, last_started);
+                }
+            }
             _ = tokio::time::sleep_until(next_measure), if measuring.is_none() => {
+                last_started = tokio::time::Instant::now();
                 let jitter = if schedule.jitter_ms > 0 { random_u64() % schedule.jitter_ms } else { 0 };
                 next_measure = tokio::time::Instant::now()
                     + Duration::from_millis(schedule.interval_ms.max(100) + jitter);
@@ -634,6 +734,10 @@ where
                 measuring = None;
                 if let Ok(Some(report)) = done {
                     tracing::debug!(paths = report.paths.len(), "report");
+                    reported = Some(report.paths.iter().map(|p| {
+                        (p.relay.clone(), Reported { udp_rtt_ms: p.udp.then_some(p.rtt_ms) })
+                    }).collect());
+                    next_watch = tokio::time::Instant::now() + watch_every;
                     send_ws(&mut ws, &AgentMessage::Report(report)).await?;
                 }
             }
@@ -693,15 +797,35 @@ async fn resolve(addr: Option<&str>) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("relay address {addr} resolves to nothing"))
 }
 
-/// Dials the relay with `ticket_hex` and runs the Noise handshake as `role`.
-async fn open_tunnel(
+/// Where and as whom to dial: the relay, the ticket (hex), the peer's key (hex), the session.
+#[derive(Clone, Copy)]
+struct Dial<'a> {
+    relay: Option<&'a str>,
+    ticket_hex: &'a str,
+    peer_key: &'a str,
+    session_id: &'a str,
+}
+
+/// Dials the relay with `ticket_hex` and runs the Noise handshake as `role`, carrying
+/// `payload` (initiator) or `respond`'s answer (responder) in it. Returns the tunnel, the
+/// handshake's duration (one round trip through the relay) and the peer's payload.
+async fn open_tunnel<F, Fut>(
     shared: &Shared,
     role: Role,
-    relay: Option<&str>,
-    ticket_hex: &str,
-    peer_key: &str,
-    session_id: &str,
-) -> Result<(Tunnel<TcpStream>, Duration), String> {
+    dial: Dial<'_>,
+    payload: &[u8],
+    respond: F,
+) -> Result<(Tunnel<TcpStream>, Duration, Vec<u8>), String>
+where
+    F: FnOnce(Vec<u8>) -> Fut,
+    Fut: Future<Output = Vec<u8>>,
+{
+    let Dial {
+        relay,
+        ticket_hex,
+        peer_key,
+        session_id,
+    } = dial;
     if peer_key.is_empty() {
         return Err(
             "the broker sent no peer key; upgrade the broker (it must send peer_key)".into(),
@@ -714,7 +838,7 @@ async fn open_tunnel(
         .await
         .map_err(|e| format!("relay {relay}: {e}"))?;
     let started = Instant::now();
-    let tunnel = Tunnel::handshake(
+    let (tunnel, theirs) = Tunnel::handshake_with(
         stream,
         &TunnelConfig {
             role,
@@ -723,26 +847,61 @@ async fn open_tunnel(
             binding: session_id.as_bytes().to_vec(),
             handshake_timeout: HANDSHAKE_TIMEOUT,
         },
+        payload,
+        respond,
     )
     .await
     .map_err(|e| format!("tunnel through relay {relay}: {e}"))?;
-    Ok((tunnel, started.elapsed()))
+    Ok((tunnel, started.elapsed(), theirs))
 }
 
+/// [`open_tunnel`] as the initiator asking for `attach`; the accepting agent's refusal is
+/// `Err((reason, true))`, any other failure `Err((reason, false))`.
+async fn open_attached(
+    shared: &Shared,
+    answer: &ConnectAnswer,
+    peer: &str,
+    attach: Attach,
+) -> Result<(Tunnel<TcpStream>, Duration), (String, bool)> {
+    let (tunnel, rtt, theirs) = open_tunnel(
+        shared,
+        Role::Initiator,
+        Dial {
+            relay: answer.relay_tcp_addr.as_deref(),
+            ticket_hex: &answer.ticket,
+            peer_key: &answer.peer_key,
+            session_id: &answer.session_id,
+        },
+        &attach.encode(),
+        |_| async { Vec::new() },
+    )
+    .await
+    .map_err(|e| (e, false))?;
+    match AttachReply::decode(&theirs) {
+        Ok(AttachReply::Accepted) => Ok((tunnel, rtt)),
+        Ok(AttachReply::Refused(why)) => Err((format!("{peer} refused the tunnel: {why}"), true)),
+        Err(e) => Err((e, true)),
+    }
+}
+
+/// Reports a broker session ended: the bytes moved, and on the initiating side the end-to-end
+/// RTT (the handshake's round trip) and, over `goodput_over` for tunnels that moved at least
+/// [`GOODPUT_MIN_BYTES`], the goodput.
 async fn report_end(
     shared: &Shared,
     session_id: String,
-    stats: Option<tunnel::BridgeStats>,
+    bytes: Option<(u64, u64)>,
     rtt: Option<Duration>,
-    life: Duration,
+    goodput_over: Option<Duration>,
 ) {
-    let stats = stats.unwrap_or_default();
-    let moved = stats.sent + stats.received;
-    let ms = life.as_millis().max(1) as u64;
+    let (sent, received) = bytes.unwrap_or_default();
+    let moved = sent + received;
     let end_to_end = rtt.map(|rtt| EndToEndReport {
         rtt_ms: rtt.as_secs_f64() * 1000.0,
         loss: 0.0,
-        bandwidth_kbps: (moved >= GOODPUT_MIN_BYTES).then(|| moved * 8 / ms),
+        bandwidth_kbps: goodput_over
+            .filter(|_| moved >= GOODPUT_MIN_BYTES)
+            .map(|life| moved * 8 / life.as_millis().max(1) as u64),
         age_ms: 0,
     });
     let tx = lock(&shared.out).clone();
@@ -750,11 +909,66 @@ async fn report_end(
         let _ = tx
             .send(AgentMessage::SessionEnded(SessionEnded {
                 session_id,
-                bytes_sent: stats.sent,
-                bytes_received: stats.received,
+                bytes_sent: sent,
+                bytes_received: received,
                 end_to_end,
             }))
             .await;
+    }
+}
+
+/// A stream's key at the accepting side: the opening peer and its resume id.
+type StreamKey = (String, [u8; RESUME_ID_LEN]);
+
+/// A new tunnel for a live stream, with its broker session id.
+type Resumed = (Tunnel<TcpStream>, String);
+
+/// What the accepting side decided during the handshake.
+enum Accepted {
+    /// A new stream: the service connection and where resumed tunnels will arrive.
+    New(TcpStream, [u8; RESUME_ID_LEN], mpsc::Receiver<Resumed>),
+    /// A resumed stream.
+    Resume([u8; RESUME_ID_LEN]),
+}
+
+/// The accepting side's answer to the opening side's attach request: connect the service for a
+/// new stream (registering it for resumes), or check that a resumed stream is live here.
+async fn accept_attach(
+    shared: &Shared,
+    from: &str,
+    service: &str,
+    local: SocketAddr,
+    theirs: &[u8],
+) -> Result<Accepted, String> {
+    let key = |id| (from.to_owned(), id);
+    match Attach::decode(theirs)? {
+        Attach::New(id) => {
+            if lock(&shared.streams).contains_key(&key(id)) {
+                return Err("that resume id is in use already; open a new tunnel".into());
+            }
+            let conn = TcpStream::connect(local).await.map_err(|e| {
+                format!(
+                    "{} cannot connect to its service {service} at {local}: {e}",
+                    shared.cfg.peer_id
+                )
+            })?;
+            let _ = conn.set_nodelay(true);
+            // Bounded: one entry per live accepted tunnel, and those are at most MAX_TUNNELS.
+            let (tx, rx) = mpsc::channel(2);
+            lock(&shared.streams).insert(key(id), tx);
+            Ok(Accepted::New(conn, id, rx))
+        }
+        Attach::Resume(id) => {
+            if lock(&shared.streams).contains_key(&key(id)) {
+                Ok(Accepted::Resume(id))
+            } else {
+                Err(format!(
+                    "{} holds no live stream with that resume id from {from}: it ended, or \
+                     gave up waiting for the resume",
+                    shared.cfg.peer_id
+                ))
+            }
+        }
     }
 }
 
@@ -784,44 +998,127 @@ async fn handle_offer(shared: Arc<Shared>, offer: Offer, tx: mpsc::Sender<AgentM
             return;
         }
     };
-    let started = Instant::now();
-    let (tunnel, _) = match open_tunnel(
+    let mut accepted = None;
+    let opened = open_tunnel(
         &shared,
         Role::Responder,
-        offer.relay_tcp_addr.as_deref(),
-        &offer.ticket,
-        &offer.peer_key,
-        &offer.session_id,
+        Dial {
+            relay: offer.relay_tcp_addr.as_deref(),
+            ticket_hex: &offer.ticket,
+            peer_key: &offer.peer_key,
+            session_id: &offer.session_id,
+        },
+        &[],
+        |theirs| {
+            let (shared, accepted, offer) = (&shared, &mut accepted, &offer);
+            async move {
+                let a = accept_attach(shared, &offer.from, &offer.service, local, &theirs).await;
+                let reply = match &a {
+                    Ok(_) => AttachReply::Accepted,
+                    Err(why) => AttachReply::Refused(why.clone()),
+                };
+                *accepted = Some(a);
+                reply.encode()
+            }
+        },
     )
-    .await
-    {
-        Ok(t) => t,
+    .await;
+    let tunnel = match opened {
+        Ok((t, _, _)) => t,
         Err(e) => {
+            if let Some(Ok(Accepted::New(_, id, _))) = accepted {
+                lock(&shared.streams).remove(&(offer.from.clone(), id));
+            }
             tracing::warn!(session = %offer.session_id, from = %offer.from, "offer failed: {e}");
+            report_end(&shared, offer.session_id, None, None, None).await;
             return;
         }
     };
-    let stats = match TcpStream::connect(local).await {
-        Ok(conn) => {
-            let _ = conn.set_nodelay(true);
-            match tunnel::bridge(conn, tunnel).await {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(session = %offer.session_id, "tunnel ended with an error: {e}");
-                    None
+    let key = |id| (offer.from.clone(), id);
+    let accepted =
+        accepted.unwrap_or_else(|| Err("the handshake ended without an attach request".into()));
+    let (conn, id, rx) = match accepted {
+        Ok(Accepted::New(conn, id, rx)) => (conn, id, rx),
+        Ok(Accepted::Resume(id)) => {
+            // Hand the tunnel to the stream's bridge; it reports the session's end.
+            let stream = lock(&shared.streams).get(&key(id)).cloned();
+            let handed = match stream {
+                Some(s) => s.send((tunnel, offer.session_id.clone())).await.is_ok(),
+                None => false,
+            };
+            if !handed {
+                tracing::warn!(session = %offer.session_id, from = %offer.from,
+                    "the stream to resume ended during the handshake");
+                report_end(&shared, offer.session_id, None, None, None).await;
+            }
+            return;
+        }
+        Err(why) => {
+            tracing::warn!(session = %offer.session_id, from = %offer.from, "tunnel refused: {why}");
+            report_end(&shared, offer.session_id, None, None, None).await;
+            return;
+        }
+    };
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let current = Arc::new(Mutex::new(offer.session_id.clone()));
+    let (rx2, cur2, sh2, sh3) = (rx.clone(), current.clone(), shared.clone(), shared.clone());
+    let timeout = shared.resume_timeout;
+    // A replaced session is over at the broker; the last one reports the stream's bytes.
+    let take = move |(t, session): Resumed| {
+        let old = std::mem::replace(&mut *lock(&cur2), session);
+        let shared = sh2.clone();
+        tokio::spawn(async move { report_end(&shared, old, None, None, None).await });
+        t
+    };
+    let take2 = take.clone();
+    let result = tunnel_resume::resumable_bridge_preemptible(
+        conn,
+        tunnel,
+        |_| {
+            sh3.measure_now.notify_one();
+            let (rx, take) = (rx2.clone(), take.clone());
+            async move {
+                let next = tokio::time::timeout(timeout, async { rx.lock().await.recv().await });
+                match next.await {
+                    Ok(Some(r)) => Ok(take(r)),
+                    _ => Err(TunnelError::Resume(format!(
+                        "the opening peer did not resume the tunnel within {timeout:?}"
+                    ))),
                 }
             }
+        },
+        || {
+            let (rx, take) = (rx.clone(), take2.clone());
+            async move {
+                match rx.lock().await.recv().await {
+                    Some(r) => take(r),
+                    None => std::future::pending().await,
+                }
+            }
+        },
+        &shared.resume,
+    )
+    .await;
+    lock(&shared.streams).remove(&key(id));
+    let session = lock(&current).clone();
+    let bytes = match result {
+        Ok(s) => {
+            if s.resumes > 0 {
+                tracing::info!(
+                    session,
+                    resumes = s.resumes,
+                    retransmitted = s.retransmitted,
+                    "stream ended after resuming on new relays"
+                );
+            }
+            Some((s.sent, s.received))
         }
         Err(e) => {
-            tracing::warn!(
-                session = %offer.session_id,
-                service = %offer.service,
-                "cannot connect to the local service at {local}: {e}; is it running?"
-            );
+            tracing::warn!(session, from = %offer.from, "tunnel ended with an error: {e}");
             None
         }
     };
-    report_end(&shared, offer.session_id, stats, None, started.elapsed()).await;
+    report_end(&shared, session, bytes, None, None).await;
     drop(permit);
 }
 
@@ -852,7 +1149,11 @@ fn refuse(error: String) -> ControlReply {
     }
 }
 
-async fn ask_broker(shared: &Shared, req: &ControlRequest) -> Result<ConnectAnswer, String> {
+async fn ask_broker(
+    shared: &Shared,
+    req: &ControlRequest,
+    avoid: &[String],
+) -> Result<ConnectAnswer, String> {
     let tx = lock(&shared.out).clone().ok_or_else(|| {
         format!(
             "agent {} is not connected to the broker {} yet; check its log and retry",
@@ -876,6 +1177,7 @@ async fn ask_broker(shared: &Shared, req: &ControlRequest) -> Result<ConnectAnsw
             to: req.peer.clone(),
             transport: TransportKind::Tcp,
             service: req.service.clone(),
+            avoid: avoid.to_vec(),
         }))
         .await;
     let result = match sent {
@@ -891,6 +1193,86 @@ async fn ask_broker(shared: &Shared, req: &ControlRequest) -> Result<ConnectAnsw
     };
     lock(&shared.pending).remove(&id);
     result
+}
+
+/// The opening side's current tunnel of a stream, and the relays it lost tunnels through.
+struct Opened {
+    session_id: String,
+    relay_id: String,
+    rtt: Duration,
+    since: Instant,
+    avoid: Vec<String>,
+}
+
+impl Opened {
+    fn avoid(&mut self, relay: &str) {
+        if !self.avoid.iter().any(|r| r == relay) {
+            if self.avoid.len() >= api::MAX_AVOID_RELAYS {
+                self.avoid.remove(0);
+            }
+            self.avoid.push(relay.to_owned());
+        }
+    }
+}
+
+/// The opening side after its tunnel broke: asks the broker for a new session to the same
+/// service, avoiding the relays that failed, and opens a tunnel that resumes stream `id`.
+/// Retries with backoff until the resume timeout; the accepting peer's refusal is final.
+async fn resume_opening(
+    shared: Arc<Shared>,
+    req: ControlRequest,
+    id: [u8; RESUME_ID_LEN],
+    opened: Arc<Mutex<Opened>>,
+    attempt: u32,
+) -> Result<Tunnel<TcpStream>, TunnelError> {
+    let (old_session, old_relay) = {
+        let o = lock(&opened);
+        (o.session_id.clone(), o.relay_id.clone())
+    };
+    lock(&opened).avoid(&old_relay);
+    shared.measure_now.notify_one();
+    report_end(&shared, old_session, None, None, None).await;
+    let timeout = shared.resume_timeout;
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(50);
+    let mut last;
+    loop {
+        let avoid = lock(&opened).avoid.clone();
+        match ask_broker(&shared, &req, &avoid).await {
+            Err(e) => last = e,
+            Ok(answer) => {
+                match open_attached(&shared, &answer, &req.peer, Attach::Resume(id)).await {
+                    Ok((tunnel, rtt)) => {
+                        tracing::info!(peer = %req.peer, service = %req.service, attempt,
+                        from_relay = %old_relay, to_relay = %answer.relay_id, "tunnel resumed");
+                        let mut o = lock(&opened);
+                        o.session_id = answer.session_id;
+                        o.relay_id = answer.relay_id;
+                        o.rtt = rtt;
+                        o.since = Instant::now();
+                        return Ok(tunnel);
+                    }
+                    Err((e, refused)) => {
+                        report_end(&shared, answer.session_id, None, None, None).await;
+                        if refused {
+                            return Err(TunnelError::Resume(format!("cannot resume: {e}")));
+                        }
+                        lock(&opened).avoid(&answer.relay_id);
+                        last = e;
+                    }
+                }
+            }
+        }
+        if Instant::now() + delay >= deadline {
+            return Err(TunnelError::Resume(format!(
+                "the tunnel to {}/{} broke (relay {old_relay}) and could not be resumed within \
+                 {timeout:?}; last error: {last}",
+                req.peer, req.service
+            )));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(1));
+    }
 }
 
 async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
@@ -915,29 +1297,37 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         .await;
         return;
     };
-    let answer = match ask_broker(&shared, &req).await {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = write_json(&mut conn, &refuse(e)).await;
+    // A relay that cannot be dialled (it died and the broker has not noticed yet) is avoided
+    // in a second and a third request; the peer's refusal is final.
+    let mut avoid = Vec::new();
+    let mut id = [0u8; RESUME_ID_LEN];
+    let (answer, tunnel, rtt) = loop {
+        if let Err(e) = getrandom::getrandom(&mut id) {
+            let _ = write_json(
+                &mut conn,
+                &refuse(format!("no randomness for the resume id: {e}")),
+            )
+            .await;
             return;
         }
-    };
-    let started = Instant::now();
-    let opened = open_tunnel(
-        &shared,
-        Role::Initiator,
-        answer.relay_tcp_addr.as_deref(),
-        &answer.ticket,
-        &answer.peer_key,
-        &answer.session_id,
-    )
-    .await;
-    let (tunnel, rtt) = match opened {
-        Ok(t) => t,
-        Err(e) => {
-            let _ = write_json(&mut conn, &refuse(e)).await;
-            report_end(&shared, answer.session_id, None, None, started.elapsed()).await;
-            return;
+        let answer = match ask_broker(&shared, &req, &avoid).await {
+            Ok(a) => a,
+            Err(e) => {
+                let _ = write_json(&mut conn, &refuse(e)).await;
+                return;
+            }
+        };
+        match open_attached(&shared, &answer, &req.peer, Attach::New(id)).await {
+            Ok((t, rtt)) => break (answer, t, rtt),
+            Err((e, refused)) => {
+                report_end(&shared, answer.session_id, None, None, None).await;
+                if refused || avoid.len() >= NEW_TUNNEL_RELAY_RETRIES {
+                    let _ = write_json(&mut conn, &refuse(e)).await;
+                    return;
+                }
+                tracing::info!(relay = %answer.relay_id, "new tunnel failed, asking for another relay: {e}");
+                avoid.push(answer.relay_id);
+            }
         }
     };
     let ok = ControlReply {
@@ -947,31 +1337,48 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         error: None,
     };
     if write_json(&mut conn, &ok).await.is_err() {
-        report_end(
-            &shared,
-            answer.session_id,
-            None,
-            Some(rtt),
-            started.elapsed(),
-        )
-        .await;
+        report_end(&shared, answer.session_id, None, Some(rtt), None).await;
         return;
     }
-    let stats = match tunnel::bridge(conn, tunnel).await {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(session = %answer.session_id, "tunnel ended with an error: {e}");
-            None
-        }
-    };
-    report_end(
-        &shared,
-        answer.session_id,
-        stats,
-        Some(rtt),
-        started.elapsed(),
+    let opened = Arc::new(Mutex::new(Opened {
+        session_id: answer.session_id,
+        relay_id: answer.relay_id,
+        rtt,
+        since: Instant::now(),
+        avoid: Vec::new(),
+    }));
+    let result = tunnel_resume::resumable_bridge(
+        conn,
+        tunnel,
+        |attempt| resume_opening(shared.clone(), req.clone(), id, opened.clone(), attempt),
+        &shared.resume,
     )
     .await;
+    let (session, rtt, since) = {
+        let o = lock(&opened);
+        (o.session_id.clone(), o.rtt, o.since)
+    };
+    let (bytes, goodput_over) = match result {
+        Ok(s) => {
+            if s.resumes > 0 {
+                tracing::info!(
+                    session,
+                    resumes = s.resumes,
+                    retransmitted = s.retransmitted,
+                    "stream ended after resuming on new relays"
+                );
+            }
+            // Goodput only for a stream that one tunnel carried from start to end.
+            let over = (s.resumes == 0).then(|| since.elapsed());
+            (Some((s.sent, s.received)), over)
+        }
+        Err(e) => {
+            tracing::warn!(session, peer = %req.peer, service = %req.service,
+                "tunnel ended with an error: {e}");
+            (None, None)
+        }
+    };
+    report_end(&shared, session, bytes, Some(rtt), goodput_over).await;
     drop(permit);
 }
 

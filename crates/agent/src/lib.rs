@@ -2,12 +2,14 @@
 //!
 //! * [`measure`]: measures the path to every relay of the relay map (RTT from a UDP probe
 //!   train, loss, hop count from the relay-observed TTL, TCP reachability and connect time,
-//!   available bandwidth from the relay's burst endpoint) and turns it into the
+//!   available bandwidth from the relay's burst endpoint; a TTL scan with `IP_RECVERR` when
+//!   the relay sees no TTL; a light watch between reports) and turns it into the
 //!   [`steelyard_select::PathMetrics`] the broker selects with.
 //! * [`tunnel`]: an end-to-end encrypted, authenticated tunnel (Noise KK) over a relayed TCP
 //!   session, and the bridge between it and a local TCP connection, with half-close.
 //! * [`resume`]: a sequence/acknowledge layer with a bounded replay buffer over the tunnel, so
-//!   a bridged connection moves to a new relay without losing or repeating a byte.
+//!   a bridged connection moves to a new relay without losing or repeating a byte; the daemon
+//!   bridges every tunnel through it.
 //!
 //! Each module keeps its decisions in a sans-I/O core (bytes and times in, bytes and results
 //! out) under a thin tokio layer.
@@ -17,8 +19,8 @@
 //! * [`daemon`]: the running agent: broker channel with reconnects, scheduled reports, offers
 //!   into local services, and the loopback control endpoint that `steelyard connect` uses.
 //!
-//! What this crate does **not** do yet: move a live daemon tunnel to another relay when its
-//! relay fails ([`resume`] exists but the daemon does not use it yet), or carry UDP services.
+//! What this crate does **not** do yet: carry UDP services, or resume a tunnel after an agent
+//! process restarts.
 
 pub mod config;
 pub mod daemon;

@@ -32,8 +32,16 @@
 //! Bytes per report cycle are fixed by the configuration: see [`MeasureConfig::udp_budget`]
 //! (the integration tests check the real counters against it).
 //!
+//! Between reports, [`watch_relay`] sends a short train ([`WATCH_PROBES`] probes, no TCP, no
+//! burst) and [`path_change`] decides whether the path moved beyond the broker's triggers, so
+//! the caller can report before the schedule.
+//!
+//! 5. **TTL scan** ([`ttl_scan`], Linux/IPv4): when the relay answered but observed no TTL
+//!    (and always with [`TtlScan::Only`]), one echo request per TTL with `IP_RECVERR`; the first
+//!    TTL the relay answers gives the hops.
+//!
 //! What this module does not do: schedule cycles or send reports (the broker sets the schedule
-//! and the broker channel sends them), TTL scans with `IP_RECVERR`, or measure location.
+//! and the broker channel sends them), or measure location.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -86,6 +94,21 @@ pub struct MeasureConfig {
     pub unknown_hops: u32,
     /// Most relays measured at the same time, 1..=256.
     pub parallel: usize,
+    /// When to count hops with a TTL scan instead of the relay-observed TTL.
+    pub ttl_scan: TtlScan,
+    /// Highest TTL a scan tries, 1..=64 (a relay further away gets `unknown_hops`).
+    pub ttl_scan_max: u8,
+}
+
+/// When [`measure_relay`] runs a TTL scan ([`ttl_scan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlScan {
+    /// Never: hops from the relay-observed TTL only.
+    Off,
+    /// When the relay answered but observed no TTL (the default).
+    Fallback,
+    /// Always, and hops come from the scan alone (to check the scan against a known path).
+    Only,
 }
 
 impl Default for MeasureConfig {
@@ -101,6 +124,8 @@ impl Default for MeasureConfig {
             burst_timeout: Duration::from_millis(1000),
             unknown_hops: 16,
             parallel: 16,
+            ttl_scan: TtlScan::Fallback,
+            ttl_scan_max: 32,
         }
     }
 }
@@ -167,13 +192,17 @@ impl MeasureConfig {
         if !(1..=256).contains(&self.parallel) {
             return bad("parallel", "1..=256");
         }
+        if !(1..=64).contains(&self.ttl_scan_max) {
+            return bad("ttl_scan_max", "1..=64");
+        }
         Ok(())
     }
 
     /// The traffic of one relay's measurement when every packet arrives and the relay grants
     /// the whole burst: the probe train both ways, two burst requests, one cookie, the burst,
     /// one TCP connect. This is the most a measurement moves per relay and report cycle (a
-    /// relay caps bursts at its own `burst_max_packets`, so it can be less).
+    /// relay caps bursts at its own `burst_max_packets`, so it can be less), except for a relay
+    /// that observes no TTL: its TTL scan adds at most `ttl_scan_max × 28` bytes each way.
     pub fn udp_budget(&self) -> Traffic {
         let train = u64::from(self.probes) * self.probe_len as u64;
         let burst = if self.burst_packets == 0 {
@@ -323,6 +352,14 @@ impl ProbeTrain {
         }
         self.draining |= draining;
         true
+    }
+
+    /// The index of the first request answered, if any.
+    pub fn first_answered(&self) -> Option<u16> {
+        self.rtt_us
+            .iter()
+            .position(Option::is_some)
+            .map(|i| i as u16)
     }
 
     /// Whether every request sent so far has been answered and the whole train was sent.
@@ -496,6 +533,8 @@ pub struct Measurement {
     pub tcp_connect_ms: Option<f64>,
     /// Bandwidth from the burst, in kbit/s.
     pub bandwidth_kbps: Option<u64>,
+    /// Hops found by a TTL scan, when one ran ([`MeasureConfig::ttl_scan`]) and found the relay.
+    pub scanned_hops: Option<u32>,
     /// Bytes this measurement actually moved.
     pub traffic: Traffic,
     /// When it was taken (unix ms).
@@ -513,8 +552,8 @@ impl Measurement {
     ///
     /// RTT is the UDP median when UDP works, else the TCP connect time. Loss is the train's
     /// loss when UDP works; a TCP-only path reports 0 (TCP hides loss behind retransmission
-    /// and there is no UDP evidence). Hops come from the observed TTL, or
-    /// `unknown_hops` when there is none.
+    /// and there is no UDP evidence). Hops come from a TTL scan when one ran, else from the
+    /// observed TTL, or `unknown_hops` when there is neither.
     pub fn path_metrics(&self, unknown_hops: u32) -> Option<PathMetrics> {
         let udp = self.udp();
         let tcp = self.tcp_connect_ms.is_some();
@@ -525,9 +564,9 @@ impl Measurement {
         };
         Some(PathMetrics {
             rtt_ms,
-            hops: train
-                .and_then(|t| t.observed_ttl)
-                .and_then(hops_from_ttl)
+            hops: self
+                .scanned_hops
+                .or_else(|| train.and_then(|t| t.observed_ttl).and_then(hops_from_ttl))
                 .unwrap_or(unknown_hops),
             loss: train.map_or(0.0, |t| t.loss.clamp(0.0, 1.0)),
             bandwidth_kbps: self.bandwidth_kbps,
@@ -661,6 +700,129 @@ async fn tcp_connect_ms(addr: SocketAddr, timeout: Duration) -> Option<f64> {
     }
 }
 
+/// Counts the routers to the relay's probe responder at `addr`: one echo request per TTL from
+/// 1 to [`MeasureConfig::ttl_scan_max`], all at once from one socket with `IP_RECVERR`, so the
+/// kernel hands over the ICMP time-exceeded answers of the routers on the error queue. The
+/// first TTL the relay answers is the hop count plus one ([`scan_hops`]); the scan ends when
+/// every lower TTL has expired, or after [`MeasureConfig::timeout`]. Linux and IPv4 only
+/// (elsewhere `None`). Moves at most `ttl_scan_max × 28` bytes each way.
+pub async fn ttl_scan(addr: SocketAddr, cfg: &MeasureConfig, traffic: &mut Traffic) -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        linux_scan::run(addr, cfg, traffic).await
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (addr, cfg, traffic);
+        None
+    }
+}
+
+#[cfg(target_os = "linux")]
+mod linux_scan {
+    use std::io::IoSliceMut;
+    use std::net::SocketAddr;
+    use std::os::fd::AsFd;
+    use std::time::Instant;
+
+    use nix::sys::socket::{
+        recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
+    };
+    use steelyard_relay::wire::{decode_probe, Probe};
+    use tokio::io::Interest;
+    use tokio::net::UdpSocket;
+
+    use super::{bind_udp_for, random_u32, scan_hops, MeasureConfig, ProbeTrain, Traffic};
+
+    /// `SO_EE_ORIGIN_ICMP` and ICMP type 11, time exceeded.
+    const ORIGIN_ICMP: u8 = 2;
+    const TIME_EXCEEDED: u8 = 11;
+
+    /// One entry of the error queue: the scan index of an expired request, if it was one.
+    fn read_error(sock: &UdpSocket, base: u32, count: u16) -> std::io::Result<Option<u16>> {
+        let mut data = [0u8; 256];
+        let mut cmsg = nix::cmsg_space!(nix::libc::sock_extended_err, nix::libc::sockaddr_in);
+        let (n, expired) = {
+            let mut iov = [IoSliceMut::new(&mut data)];
+            let msg = recvmsg::<SockaddrIn>(
+                std::os::fd::AsRawFd::as_raw_fd(&sock.as_fd()),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_ERRQUEUE,
+            )
+            .map_err(std::io::Error::from)?;
+            let expired = msg.cmsgs().map_err(std::io::Error::from)?.any(|c| {
+                matches!(c, ControlMessageOwned::Ipv4RecvErr(e, _)
+                    if e.ee_origin == ORIGIN_ICMP && e.ee_type == TIME_EXCEEDED)
+            });
+            (msg.bytes, expired)
+        };
+        Ok(match decode_probe(&data[..n.min(data.len())]) {
+            Ok(Probe::EchoRequest { seq, .. }) if expired => {
+                let i = seq.wrapping_sub(base);
+                (i < u32::from(count)).then_some(i as u16)
+            }
+            _ => None,
+        })
+    }
+
+    pub(super) async fn run(
+        addr: SocketAddr,
+        cfg: &MeasureConfig,
+        traffic: &mut Traffic,
+    ) -> Option<u32> {
+        if !addr.is_ipv4() {
+            return None;
+        }
+        let sock = bind_udp_for(addr).await.ok()?;
+        setsockopt(&sock.as_fd(), sockopt::Ipv4RecvErr, &true).ok()?;
+        let base = random_u32();
+        let count = u16::from(cfg.ttl_scan_max);
+        let mut train = ProbeTrain::new(base, count, super::ECHO_LEN);
+        let origin = Instant::now();
+        let us = |at: Instant| at.duration_since(origin).as_micros() as u64;
+        for i in 0..count {
+            setsockopt(&sock.as_fd(), sockopt::Ipv4Ttl, &(i32::from(i) + 1)).ok()?;
+            if let Some(req) = train.request(i, us(Instant::now())) {
+                // With IP_RECVERR a send reports (and clears) an ICMP error that came back for
+                // an earlier request instead of sending: send again.
+                for _ in 0..3 {
+                    if sock.send(&req).await.is_ok() {
+                        traffic.udp_sent += req.len() as u64;
+                        break;
+                    }
+                }
+            }
+        }
+        let mut expired = vec![false; usize::from(count)];
+        let deadline = tokio::time::Instant::now() + cfg.timeout;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            if scan_hops(train.first_answered(), &expired).1 {
+                break;
+            }
+            tokio::select! {
+                r = sock.recv(&mut buf) => {
+                    // With IP_RECVERR a queued ICMP error is also reported here once.
+                    if let Ok(n) = r {
+                        traffic.udp_received += n as u64;
+                        train.on_datagram(&buf[..n], us(Instant::now()));
+                    }
+                }
+                r = sock.async_io(Interest::ERROR, || read_error(&sock, base, count)) => {
+                    match r {
+                        Ok(Some(i)) => expired[usize::from(i)] = true,
+                        Ok(None) => {}
+                        Err(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        scan_hops(train.first_answered(), &expired).0
+    }
+}
+
 /// Measures one relay: the probe train and the TCP connect at once, then the bandwidth burst
 /// if UDP answered. Takes at most about `probes × spacing + timeout + burst_timeout`.
 pub async fn measure_relay(target: &RelayTarget, cfg: &MeasureConfig) -> Measurement {
@@ -681,14 +843,99 @@ pub async fn measure_relay(target: &RelayTarget, cfg: &MeasureConfig) -> Measure
         (Some(addr), Some(t)) if t.answered > 0 => run_burst(addr, cfg, &mut traffic).await,
         _ => None,
     };
+    let scanned_hops = match (target.probe, &train, cfg.ttl_scan) {
+        (Some(addr), Some(t), TtlScan::Fallback) if t.answered > 0 && t.observed_ttl.is_none() => {
+            ttl_scan(addr, cfg, &mut traffic).await
+        }
+        (Some(addr), Some(t), TtlScan::Only) if t.answered > 0 => {
+            // The scan alone: a failed scan must show as unknown, not as the observed TTL.
+            let hops = ttl_scan(addr, cfg, &mut traffic).await;
+            Some(hops.unwrap_or(cfg.unknown_hops))
+        }
+        _ => None,
+    };
     Measurement {
         relay: target.id.clone(),
         train,
         tcp_connect_ms,
         bandwidth_kbps,
+        scanned_hops,
         traffic,
         measured_at,
     }
+}
+
+/// What a TTL scan found, from the first TTL the relay answered (`first_answered`: index into
+/// the scan, TTL − 1) and which TTLs came back as ICMP time-exceeded: `(hops, done)`, where
+/// `hops` is the routers before the relay (`None` until it answered) and `done` says that every
+/// TTL below the answering one has expired on the way, so nothing more can change the answer.
+/// Sans-I/O.
+pub fn scan_hops(first_answered: Option<u16>, expired: &[bool]) -> (Option<u32>, bool) {
+    match first_answered {
+        None => (None, false),
+        Some(k) => {
+            let below = &expired[..usize::from(k).min(expired.len())];
+            (Some(u32::from(k)), below.iter().all(|e| *e))
+        }
+    }
+}
+
+/// Between reports, a light check of the paths: what the last report said about one relay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reported {
+    /// The reported RTT, ms, when the relay answered over UDP.
+    pub udp_rtt_ms: Option<f64>,
+}
+
+/// Probe trains of [`WATCH_PROBES`] echo requests, no TCP connect, no burst: the watch between
+/// two reports. Per relay and watch: `WATCH_PROBES × probe_len` bytes each way.
+pub const WATCH_PROBES: u16 = 3;
+/// An RTT change smaller than this never counts as a path change (loopback and LAN jitter).
+pub const MIN_RTT_CHANGE_MS: f64 = 1.0;
+
+/// Whether a watch result differs enough from the last report to report before the schedule:
+/// the relay became reachable or unreachable over UDP (when `on_reachability` is set), or its
+/// RTT moved by more than `rtt_ratio` of the reported one (and by at least
+/// [`MIN_RTT_CHANGE_MS`]; `rtt_ratio` ≤ 0 turns this off). `before` is `None` for a relay the
+/// last report did not list. The reason says which relay and what moved. Sans-I/O.
+pub fn path_change(
+    relay: &str,
+    before: Option<Reported>,
+    now: &TrainResult,
+    rtt_ratio: f64,
+    on_reachability: bool,
+) -> Option<String> {
+    let before_rtt = before.and_then(|b| b.udp_rtt_ms);
+    match (before_rtt, now.rtt_ms) {
+        (Some(_), None) if on_reachability => {
+            Some(format!("relay {relay} stopped answering over UDP"))
+        }
+        (None, Some(rtt)) if on_reachability => Some(format!(
+            "relay {relay} answers over UDP again ({rtt:.1} ms)"
+        )),
+        (Some(a), Some(b))
+            if rtt_ratio > 0.0
+                && (b - a).abs() >= MIN_RTT_CHANGE_MS
+                && (b - a).abs() > rtt_ratio * a =>
+        {
+            Some(format!(
+                "RTT to relay {relay} moved from {a:.1} ms to {b:.1} ms (more than {:.0} %)",
+                rtt_ratio * 100.0
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// The watch of one relay: a train of [`WATCH_PROBES`] echo requests with `cfg`'s length,
+/// spacing and timeout; `None` when the relay has no probe address.
+pub async fn watch_relay(target: &RelayTarget, cfg: &MeasureConfig) -> Option<TrainResult> {
+    let addr = target.probe?;
+    let cfg = MeasureConfig {
+        probes: WATCH_PROBES,
+        ..cfg.clone()
+    };
+    Some(run_train(addr, &cfg, &mut Traffic::default()).await)
 }
 
 /// The result of one report cycle.
@@ -759,6 +1006,66 @@ mod tests {
             load: 12,
             draining: false,
         })
+    }
+
+    #[test]
+    fn scan_hops_from_the_first_answer_and_done_when_the_lower_ttls_expired() {
+        assert_eq!(scan_hops(None, &[true, true]), (None, false));
+        // TTL 1 answered: no router.
+        assert_eq!(scan_hops(Some(0), &[false; 4]), (Some(0), true));
+        // TTL 3 answered; TTL 1 and 2 expired at two routers.
+        assert_eq!(
+            scan_hops(Some(2), &[true, true, false, false]),
+            (Some(2), true)
+        );
+        // TTL 2's expiry has not come back yet: the answer may still be right, not done.
+        assert_eq!(scan_hops(Some(2), &[true, false, false]), (Some(2), false));
+        let bad = MeasureConfig {
+            ttl_scan_max: 0,
+            ..MeasureConfig::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "ttl_scan_max");
+    }
+
+    #[test]
+    fn path_changes_follow_the_triggers() {
+        let train = |rtt: Option<f64>| TrainResult {
+            sent: 3,
+            answered: if rtt.is_some() { 3 } else { 0 },
+            rtt_ms: rtt,
+            loss: if rtt.is_some() { 0.0 } else { 1.0 },
+            observed_ttl: None,
+            load: None,
+            draining: false,
+        };
+        let was = |rtt| {
+            Some(Reported {
+                udp_rtt_ms: Some(rtt),
+            })
+        };
+        // RTT: beyond the ratio and the floor.
+        let r = path_change("r1", was(10.0), &train(Some(20.0)), 0.5, true).unwrap();
+        assert!(r.contains("from 10.0 ms to 20.0 ms"), "{r}");
+        assert_eq!(
+            path_change("r1", was(10.0), &train(Some(14.0)), 0.5, true),
+            None
+        );
+        assert_eq!(
+            path_change("r1", was(0.1), &train(Some(0.9)), 0.5, true),
+            None
+        );
+        assert_eq!(
+            path_change("r1", was(10.0), &train(Some(40.0)), 0.0, true),
+            None
+        );
+        // Reachability, only when asked for.
+        let r = path_change("r1", was(10.0), &train(None), 0.5, true).unwrap();
+        assert!(r.contains("stopped answering"), "{r}");
+        assert_eq!(path_change("r1", was(10.0), &train(None), 0.5, false), None);
+        let r = path_change("r1", None, &train(Some(3.0)), 0.5, true).unwrap();
+        assert!(r.contains("answers over UDP again"), "{r}");
+        let tcp_only = Some(Reported { udp_rtt_ms: None });
+        assert_eq!(path_change("r1", tcp_only, &train(None), 0.5, true), None);
     }
 
     #[test]
@@ -876,6 +1183,7 @@ mod tests {
             train,
             tcp_connect_ms: tcp,
             bandwidth_kbps: Some(5),
+            scanned_hops: None,
             traffic: Traffic::default(),
             measured_at: Timestamp::from_millis(9),
         };
@@ -895,6 +1203,10 @@ mod tests {
         assert!(!p.udp && p.tcp);
         let p = m(Some(train(4, None)), None).path_metrics(16).unwrap();
         assert_eq!((p.hops, p.udp, p.tcp), (16, true, false));
+        // A TTL scan's count wins over the observed TTL and the unknown default.
+        let mut scanned = m(Some(train(4, None)), None);
+        scanned.scanned_hops = Some(3);
+        assert_eq!(scanned.path_metrics(16).unwrap().hops, 3);
         assert_eq!(m(Some(train(0, None)), None).path_metrics(16), None);
     }
 

@@ -18,7 +18,13 @@
 //! ([`ResumeError::CannotResume`]), never a silent gap.
 //!
 //! The session ends when both ends of stream have been sent, received and acknowledged; the
-//! local connection is then half-closed in both directions and the tunnel shut down.
+//! local connection is then half-closed in both directions and the tunnel shut down. A side
+//! whose local connection fails sends an abort frame (best effort) so that the peer closes its
+//! local connection at once instead of waiting for a resume ([`ResumeError::PeerAborted`]).
+//!
+//! Which stream a tunnel carries is settled inside its Noise handshake: the opening side's
+//! payload is an [`Attach`] (a new stream, or the resumption of one, by a random id), the
+//! accepting side's answer an [`AttachReply`].
 //!
 //! What fails for good instead of resuming: authentication failures and protocol errors (a
 //! relay that tampers does not get another try in the same session), more than
@@ -34,6 +40,92 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::tunnel::{Frame, Tunnel, TunnelError, MAX_CHUNK};
+
+/// Length of a resume id.
+pub const RESUME_ID_LEN: usize = 16;
+/// Longest refusal reason carried in an [`AttachReply`], bytes.
+pub const MAX_REFUSAL_LEN: usize = 120;
+const ATTACH_VERSION: u8 = 1;
+
+/// What the opening side of a tunnel asks for, in its handshake payload: a new stream that can
+/// later be resumed under `id`, or the continuation of the stream `id`. The id is random and
+/// only meaningful between the two peers the handshake authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// A new stream.
+    New([u8; RESUME_ID_LEN]),
+    /// The continuation of a stream whose tunnel broke.
+    Resume([u8; RESUME_ID_LEN]),
+}
+
+impl Attach {
+    /// The wire form: version, kind (0 new, 1 resume), id.
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, id) = match self {
+            Attach::New(id) => (0, id),
+            Attach::Resume(id) => (1, id),
+        };
+        [&[ATTACH_VERSION, kind][..], id].concat()
+    }
+
+    /// Parses the wire form. Total.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        let Some((&[version, kind], id)) = b.split_first_chunk::<2>() else {
+            return Err(
+                "the opening side sent no attach request (an older agent? upgrade both)".into(),
+            );
+        };
+        if version != ATTACH_VERSION {
+            return Err(format!(
+                "attach version {version} is not {ATTACH_VERSION}; upgrade both agents"
+            ));
+        }
+        let id: [u8; RESUME_ID_LEN] = id
+            .try_into()
+            .map_err(|_| format!("attach id of {} bytes, not {RESUME_ID_LEN}", id.len()))?;
+        match kind {
+            0 => Ok(Attach::New(id)),
+            1 => Ok(Attach::Resume(id)),
+            k => Err(format!("unknown attach kind {k}")),
+        }
+    }
+}
+
+/// The accepting side's answer to an [`Attach`], in its handshake payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttachReply {
+    /// The tunnel carries the stream.
+    Accepted,
+    /// It does not, and why.
+    Refused(String),
+}
+
+impl AttachReply {
+    /// The wire form: `0`, or `1` and a UTF-8 reason cut to [`MAX_REFUSAL_LEN`] bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            AttachReply::Accepted => vec![0],
+            AttachReply::Refused(why) => {
+                let mut end = why.len().min(MAX_REFUSAL_LEN);
+                while !why.is_char_boundary(end) {
+                    end -= 1;
+                }
+                [&[1u8][..], &why.as_bytes()[..end]].concat()
+            }
+        }
+    }
+
+    /// Parses the wire form. Total.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        match b.split_first() {
+            Some((0, [])) => Ok(AttachReply::Accepted),
+            Some((1, why)) if why.len() <= MAX_REFUSAL_LEN => Ok(AttachReply::Refused(
+                String::from_utf8_lossy(why).into_owned(),
+            )),
+            _ => Err("the accepting agent sent a malformed attach reply; upgrade both".into()),
+        }
+    }
+}
 
 /// Largest replay buffer allowed.
 pub const MAX_REPLAY: usize = 64 << 20;
@@ -73,6 +165,9 @@ pub enum ResumeError {
     /// Reading or writing the local connection failed.
     #[error("local connection error: {0}")]
     Local(std::io::Error),
+    /// The peer gave up the stream (its local connection failed).
+    #[error("the peer aborted the stream: {0}")]
+    PeerAborted(String),
     /// A configuration value out of range.
     #[error("resume setting out of range: {0}")]
     Config(&'static str),
@@ -244,7 +339,7 @@ fn fatal(e: &TunnelError) -> bool {
 pub async fn resumable_bridge<L, S, F, Fut>(
     local: L,
     first: Tunnel<S>,
-    mut reconnect: F,
+    reconnect: F,
     cfg: &ResumeConfig,
 ) -> Result<ResumeStats, ResumeError>
 where
@@ -252,6 +347,29 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
     F: FnMut(u32) -> Fut,
     Fut: Future<Output = Result<Tunnel<S>, TunnelError>>,
+{
+    resumable_bridge_preemptible(local, first, reconnect, std::future::pending, cfg).await
+}
+
+/// [`resumable_bridge`], where `preempt()` may also yield a new tunnel while the current one
+/// still looks alive: the current one is then dropped (it counts as a failure) and the session
+/// continues on the new one. This is the accepting side's view: the peer that opened the
+/// tunnel knows first that it broke (a relay that vanishes without closing its connections
+/// leaves this side waiting), and its new tunnel is the proof.
+pub async fn resumable_bridge_preemptible<L, S, F, Fut, P, PFut>(
+    local: L,
+    first: Tunnel<S>,
+    mut reconnect: F,
+    mut preempt: P,
+    cfg: &ResumeConfig,
+) -> Result<ResumeStats, ResumeError>
+where
+    L: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(u32) -> Fut,
+    Fut: Future<Output = Result<Tunnel<S>, TunnelError>>,
+    P: FnMut() -> PFut,
+    PFut: Future<Output = Tunnel<S>>,
 {
     cfg.validate()?;
     let (mut lr, mut lw) = tokio::io::split(local);
@@ -286,7 +404,23 @@ where
     let mut tunnel = first;
     let mut failures = 0u32;
     let outcome = loop {
-        let result = run_tunnel(tunnel, &mut lr, &mut tx, &state, &notify, &mut stats).await;
+        let run = run_tunnel(tunnel, &mut lr, &mut tx, &state, &notify, &mut stats);
+        let result = tokio::select! {
+            r = run => r,
+            newer = preempt() => {
+                failures += 1;
+                if failures > cfg.max_resumes {
+                    break Err(ResumeError::GaveUp {
+                        attempts: failures,
+                        last: TunnelError::Resume("the peer replaced the tunnel".into()),
+                    });
+                }
+                tracing::info!(attempt = failures, "the peer resumed on a new tunnel");
+                tunnel = newer;
+                stats.resumes += 1;
+                continue;
+            }
+        };
         match result {
             Ok(()) => break Ok(()),
             Err(ResumeError::Tunnel(e)) if !fatal(&e) => {
@@ -348,6 +482,7 @@ where
     tw.send_ack(received, end_received).await?;
     let (peer_received, peer_end) = match tr.recv_frame().await? {
         Frame::Ack { received, end } => (received, end),
+        Frame::Abort(why) => return Err(ResumeError::PeerAborted(why.to_owned())),
         _ => {
             return Err(TunnelError::Protocol(
                 "a resumed tunnel must start with an acknowledgement",
@@ -386,7 +521,11 @@ where
                 )
             };
             if let Some(kind) = local_failed {
-                return Err(ResumeError::Local(kind.into()));
+                let e = std::io::Error::from(kind);
+                let _ = tw
+                    .send_abort(&format!("its local connection failed: {e}"))
+                    .await;
+                return Err(ResumeError::Local(e));
             }
             if let Some((r, e)) = ack {
                 tw.send_ack(r, e).await?;
@@ -401,7 +540,13 @@ where
                 biased;
                 _ = notify.notified() => {}
                 r = lr.read(&mut buf[..free]), if !end_queued && free > 0 => {
-                    let n = r.map_err(ResumeError::Local)?;
+                    let n = match r {
+                        Ok(n) => n,
+                        Err(e) => {
+                            let _ = tw.send_abort(&format!("its local connection failed: {e}")).await;
+                            return Err(ResumeError::Local(e));
+                        }
+                    };
                     if n == 0 {
                         lock().end_queued = true;
                         tw.send_end().await?;
@@ -434,6 +579,7 @@ where
                     *tx = None;
                 }
                 Ok(Frame::Ack { received, end }) => lock().on_ack(received, end)?,
+                Ok(Frame::Abort(why)) => return Err(ResumeError::PeerAborted(why.to_owned())),
                 // The peer closes once it is done; if we are done too, that is the end.
                 Err(e) if lock().done() => {
                     tracing::debug!(error = %e, "tunnel closed after completion");
@@ -507,6 +653,32 @@ mod tests {
         assert!(matches!(s.on_ack(2, true), Err(ResumeError::BadAck)));
         s.on_ack(3, true).unwrap();
         assert!(s.done());
+    }
+
+    #[test]
+    fn attach_payloads_round_trip_and_reject_junk() {
+        for a in [Attach::New([7; 16]), Attach::Resume([9; 16])] {
+            assert_eq!(Attach::decode(&a.encode()), Ok(a));
+        }
+        assert!(Attach::decode(&[])
+            .unwrap_err()
+            .contains("no attach request"));
+        assert!(Attach::decode(&[2, 0]).unwrap_err().contains("version 2"));
+        assert!(Attach::decode(&[1, 0, 1]).unwrap_err().contains("1 bytes"));
+        let mut bad = Attach::New([0; 16]).encode();
+        bad[1] = 5;
+        assert!(Attach::decode(&bad).unwrap_err().contains("kind 5"));
+        for r in [AttachReply::Accepted, AttachReply::Refused("gone".into())] {
+            assert_eq!(AttachReply::decode(&r.encode()), Ok(r));
+        }
+        let long = AttachReply::Refused("é".repeat(100)).encode();
+        assert!(long.len() <= 1 + MAX_REFUSAL_LEN);
+        assert!(
+            matches!(AttachReply::decode(&long), Ok(AttachReply::Refused(w)) if w.len() == 120)
+        );
+        assert!(AttachReply::decode(&[]).is_err());
+        assert!(AttachReply::decode(&[0, 1]).is_err());
+        assert!(AttachReply::decode(&[1; 200]).is_err());
     }
 
     #[test]

@@ -14,12 +14,15 @@
 //!    so the handshake is two messages (initiator → responder, responder → initiator), and it
 //!    fails on either side if the other does not hold the expected key. The Noise prologue is
 //!    `b"steelyard-tunnel/1"` followed by a caller-chosen binding (the session id), so a relay
-//!    cannot splice a handshake from one session into another.
+//!    cannot splice a handshake from one session into another. Each handshake message may
+//!    carry a short payload ([`Tunnel::handshake_with`]); the agent daemon uses it to attach a
+//!    tunnel to a new or a resumed stream (see [`crate::resume::Attach`]).
 //! 2. Transport: every frame is one ChaCha20-Poly1305 message with an implicit nonce (the frame
 //!    counter of its direction). Its plaintext is a type byte then data: `0` = data (at most
 //!    [`MAX_CHUNK`] bytes), `1` = end of stream (no data; the sender will send nothing more),
-//!    `2` = acknowledgement (u64 bytes received, u8 end of stream received; used only by the
-//!    resumable layer in [`crate::resume`], an error in a plain tunnel).
+//!    `2` = acknowledgement (u64 bytes received, u8 end of stream received), `3` = abort (a
+//!    UTF-8 reason of at most [`MAX_ABORT_REASON`] bytes); `2` and `3` are used only by the
+//!    resumable layer in [`crate::resume`] and are errors in a plain tunnel.
 //!
 //! The relay sees only lengths and ciphertext. Any change to a frame, a dropped, repeated or
 //! reordered frame, fails authentication ([`TunnelError::AuthenticationFailed`]); a stream that
@@ -35,8 +38,9 @@
 //!
 //! What this module does not do: dial the relay (see `steelyard_relay::client`), obtain or
 //! check keys against the broker, rekey (a tunnel carries at most 2^64 frames per direction),
-//! pad lengths, or resume on another relay.
+//! pad lengths, or resume on another relay (that is [`crate::resume`]).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,12 +57,17 @@ pub const MAX_FRAME_LEN: usize = 65535;
 pub const MIN_FRAME_LEN: usize = 1 + TAG_LEN;
 /// Most plaintext bytes in one data frame.
 pub const MAX_CHUNK: usize = 16 * 1024;
+/// Most bytes of a handshake payload ([`Tunnel::handshake_with`]).
+pub const MAX_HANDSHAKE_PAYLOAD: usize = 128;
 /// Length of a static public or private key.
 pub const KEY_LEN: usize = 32;
 const TAG_LEN: usize = 16;
 const FRAME_DATA: u8 = 0;
 const FRAME_END: u8 = 1;
 const FRAME_ACK: u8 = 2;
+const FRAME_ABORT: u8 = 3;
+/// Longest reason in an abort frame, bytes.
+pub const MAX_ABORT_REASON: usize = 200;
 
 /// One decrypted frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +83,9 @@ pub enum Frame<'a> {
         /// Whether the end of stream was received.
         end: bool,
     },
+    /// The peer gives up the stream for the reason given (resumable layer): do not wait for
+    /// it to resume.
+    Abort(&'a str),
 }
 
 /// Why a tunnel failed.
@@ -102,6 +114,9 @@ pub enum TunnelError {
     /// A key has the wrong length or the crypto library refused a setting.
     #[error("tunnel setup error: {0}")]
     Setup(String),
+    /// A broken tunnel could not be replaced (resumable layer): what was tried and why it failed.
+    #[error("{0}")]
+    Resume(String),
     /// Sending after the end of stream was sent.
     #[error("tunnel already finished sending")]
     Finished,
@@ -225,23 +240,54 @@ impl<S> std::fmt::Debug for Tunnel<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
     /// Runs the Noise KK handshake over `stream` (already paired by the relay) within
     /// `cfg.handshake_timeout`.
-    pub async fn handshake(mut stream: S, cfg: &TunnelConfig) -> Result<Self, TunnelError> {
+    pub async fn handshake(stream: S, cfg: &TunnelConfig) -> Result<Self, TunnelError> {
+        Self::handshake_with(stream, cfg, &[], |_| async { Vec::new() })
+            .await
+            .map(|(t, _)| t)
+    }
+
+    /// [`handshake`](Self::handshake), carrying one payload of at most
+    /// [`MAX_HANDSHAKE_PAYLOAD`] bytes each way inside the two handshake messages (encrypted
+    /// and authenticated like the handshake; no extra round trip). The initiator sends
+    /// `payload`; the responder answers with what `respond(initiator's payload)` yields (its
+    /// own `payload` is unused), within the handshake timeout. Returns the tunnel and the
+    /// peer's payload.
+    pub async fn handshake_with<F, Fut>(
+        mut stream: S,
+        cfg: &TunnelConfig,
+        payload: &[u8],
+        respond: F,
+    ) -> Result<(Self, Vec<u8>), TunnelError>
+    where
+        F: FnOnce(Vec<u8>) -> Fut,
+        Fut: Future<Output = Vec<u8>>,
+    {
         let timeout = cfg.handshake_timeout;
-        match tokio::time::timeout(timeout, Self::handshake_inner(&mut stream, cfg)).await {
+        let inner = Self::handshake_inner(&mut stream, cfg, payload, respond);
+        match tokio::time::timeout(timeout, inner).await {
             Err(_) => Err(TunnelError::HandshakeTimeout(timeout)),
             Ok(Err(e)) => Err(e),
-            Ok(Ok(crypto)) => Ok(Self {
-                stream,
-                crypto: Arc::new(crypto),
-                remote_static: cfg.remote_public,
-            }),
+            Ok(Ok((crypto, theirs))) => Ok((
+                Self {
+                    stream,
+                    crypto: Arc::new(crypto),
+                    remote_static: cfg.remote_public,
+                },
+                theirs,
+            )),
         }
     }
 
-    async fn handshake_inner(
+    async fn handshake_inner<F, Fut>(
         stream: &mut S,
         cfg: &TunnelConfig,
-    ) -> Result<StatelessTransportState, TunnelError> {
+        payload: &[u8],
+        respond: F,
+    ) -> Result<(StatelessTransportState, Vec<u8>), TunnelError>
+    where
+        F: FnOnce(Vec<u8>) -> Fut,
+        Fut: Future<Output = Vec<u8>>,
+    {
         let mut prologue = PROLOGUE_PREFIX.to_vec();
         prologue.extend_from_slice(&cfg.binding);
         let builder = Builder::new(params()?)
@@ -254,12 +300,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
             Role::Responder => builder.build_responder().map_err(setup)?,
         };
         let mut msg = vec![0u8; 2 + 256];
-        let mut payload = vec![0u8; 256];
+        let mut theirs = vec![0u8; 256];
+        let mut theirs_len = 0;
+        let mut respond = Some(respond);
         let mut buf = Vec::new();
         let mut my_turn = cfg.role == Role::Initiator;
         while !hs.is_handshake_finished() {
             if my_turn {
-                let n = hs.write_message(&[], &mut msg[2..]).map_err(setup)?;
+                let ours = match (cfg.role, respond.take()) {
+                    (Role::Responder, Some(f)) => f(theirs[..theirs_len].to_vec()).await,
+                    _ => payload.to_vec(),
+                };
+                if ours.len() > MAX_HANDSHAKE_PAYLOAD {
+                    return Err(TunnelError::Setup(format!(
+                        "handshake payload of {} bytes exceeds {MAX_HANDSHAKE_PAYLOAD}",
+                        ours.len()
+                    )));
+                }
+                let n = hs.write_message(&ours, &mut msg[2..]).map_err(setup)?;
                 msg[..2].copy_from_slice(&(n as u16).to_be_bytes());
                 write_frame(stream, &msg[..2 + n]).await?;
                 stream.flush().await?;
@@ -278,7 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
                 if n > 256 {
                     return Err(TunnelError::Handshake("handshake message too long".into()));
                 }
-                hs.read_message(&buf[..n], &mut payload).map_err(|e| {
+                theirs_len = hs.read_message(&buf[..n], &mut theirs).map_err(|e| {
                     TunnelError::Handshake(match e {
                         snow::Error::Decrypt => "the peer's handshake message did not verify: it \
                                                  does not hold the static key we expect, or the \
@@ -287,10 +345,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
                         e => format!("invalid handshake message: {e}"),
                     })
                 })?;
+                if theirs_len > MAX_HANDSHAKE_PAYLOAD {
+                    return Err(TunnelError::Handshake("handshake payload too long".into()));
+                }
             }
             my_turn = !my_turn;
         }
-        hs.into_stateless_transport_mode().map_err(setup)
+        theirs.truncate(theirs_len);
+        Ok((hs.into_stateless_transport_mode().map_err(setup)?, theirs))
     }
 
     /// The peer's static public key (the one the handshake proved it holds).
@@ -382,6 +444,16 @@ impl<W: AsyncWrite + Unpin> TunnelWriter<W> {
         self.send_frame(FRAME_ACK, &body).await
     }
 
+    /// Sends an abort frame with `reason` (cut to [`MAX_ABORT_REASON`] bytes; resumable layer).
+    pub async fn send_abort(&mut self, reason: &str) -> Result<(), TunnelError> {
+        let mut end = reason.len().min(MAX_ABORT_REASON);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.send_frame(FRAME_ABORT, &reason.as_bytes()[..end])
+            .await
+    }
+
     /// Shuts down the write half of the underlying stream.
     pub async fn shutdown(&mut self) -> Result<(), TunnelError> {
         self.w.shutdown().await?;
@@ -409,8 +481,8 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
         match self.recv_frame().await? {
             Frame::Data(d) => Ok(Some(d)),
             Frame::End => Ok(None),
-            Frame::Ack { .. } => Err(TunnelError::Protocol(
-                "acknowledgement frame in a plain (non-resumable) tunnel",
+            Frame::Ack { .. } | Frame::Abort(_) => Err(TunnelError::Protocol(
+                "acknowledgement or abort frame in a plain (non-resumable) tunnel",
             )),
         }
     }
@@ -446,6 +518,11 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
                         received: u64::from_be_bytes(r),
                         end: body[8] == 1,
                     });
+                }
+                Some((&FRAME_ABORT, why)) if why.len() <= MAX_ABORT_REASON => {
+                    return std::str::from_utf8(&self.plain[1..m])
+                        .map(Frame::Abort)
+                        .map_err(|_| TunnelError::Protocol("abort reason is not UTF-8"))
                 }
                 _ => return Err(TunnelError::Protocol("unknown or malformed frame")),
             }
@@ -565,6 +642,28 @@ mod tests {
         drop(_ra);
         assert_eq!(rb.recv().await.unwrap(), Some(&b"hello"[..]));
         assert!(matches!(rb.recv().await, Err(TunnelError::Truncated)));
+    }
+
+    #[tokio::test]
+    async fn handshake_payloads_travel_both_ways() {
+        let (ca, cb) = pair();
+        let (sa, sb) = tokio::io::duplex(1 << 16);
+        let (a, b) = tokio::join!(
+            Tunnel::handshake_with(sa, &ca, b"attach me", |_| async { Vec::new() }),
+            Tunnel::handshake_with(sb, &cb, &[], |theirs| async move {
+                [b"ok: ".as_slice(), &theirs].concat()
+            })
+        );
+        let ((_, from_b), (_, from_a)) = (a.unwrap(), b.unwrap());
+        assert_eq!(from_a, b"attach me");
+        assert_eq!(from_b, b"ok: attach me");
+        let (ca, _) = pair();
+        let (sa, _sb) = tokio::io::duplex(1 << 16);
+        let long = vec![0u8; MAX_HANDSHAKE_PAYLOAD + 1];
+        let e = Tunnel::handshake_with(sa, &ca, &long, |_| async { Vec::new() })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("exceeds"), "{e}");
     }
 
     /// Forwards whole frames from `from` to `to`, sending frame number `dup` twice.

@@ -1,5 +1,7 @@
 //! A resumable tunnel survives the death of its relay: the relay is killed mid-transfer, both
-//! agents move to a second relay, and every byte arrives exactly once.
+//! agents move to a second relay, and every byte arrives exactly once; a newer tunnel replaces
+//! one that still looks alive on the accepting side; a failed reconnect is a clear error; a
+//! local reset on one side ends the other at once.
 
 mod common;
 
@@ -249,4 +251,209 @@ async fn a_failed_reconnect_is_a_clear_error() {
         "{err}"
     );
     drop(app);
+}
+
+/// A relay that stops forwarding may close the opening side's connection and leave the
+/// accepting side's open: the accepting side still sees a live tunnel when the opening side has
+/// moved on. The new tunnel, offered through `preempt`, replaces the old one, and the stream
+/// completes with every byte once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_tunnel_preempts_one_that_still_looks_alive() {
+    use steelyard_agent::resume::resumable_bridge_preemptible;
+    use tokio::io::DuplexStream;
+    const LEN: usize = 1 << 20;
+
+    let a = StaticKeypair::generate().unwrap();
+    let b = StaticKeypair::generate().unwrap();
+    let tcfg = |role, local: &StaticKeypair, remote: &StaticKeypair| TunnelConfig {
+        role,
+        local: local.clone(),
+        remote_public: remote.public,
+        binding: b"preempt".to_vec(),
+        handshake_timeout: common::WAIT,
+    };
+    let (ca, cb) = (tcfg(Role::Initiator, &a, &b), tcfg(Role::Responder, &b, &a));
+
+    // Tunnel 1 through a "relay" that forwards until `stop`; then it closes A's side and keeps
+    // B's side open without forwarding anything.
+    let (a1, relay_a) = tokio::io::duplex(1 << 16);
+    let (b1, relay_b) = tokio::io::duplex(1 << 16);
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        let (mut ar, mut aw) = tokio::io::split(relay_a);
+        let (mut br, mut bw) = tokio::io::split(relay_b);
+        let forward = async {
+            tokio::join!(
+                tokio::io::copy(&mut ar, &mut bw),
+                tokio::io::copy(&mut br, &mut aw)
+            )
+        };
+        let mut stop = stop;
+        tokio::select! {
+            _ = forward => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        drop((ar, aw));
+        let _keep_b_open = (br, bw);
+        std::future::pending::<()>().await;
+    });
+    let (ta1, tb1) = tokio::join!(Tunnel::handshake(a1, &ca), Tunnel::handshake(b1, &cb));
+    let (ta1, tb1) = (ta1.unwrap(), tb1.unwrap());
+
+    // Tunnel 2, direct; B's end is handed to its bridge through the preempt channel as soon as
+    // A's handshake arrives.
+    let (a2, b2) = tokio::io::duplex(1 << 16);
+    let (newer_tx, newer_rx) = tokio::sync::mpsc::channel::<Tunnel<DuplexStream>>(1);
+    let cb2 = cb.clone();
+    tokio::spawn(async move {
+        let t = Tunnel::handshake(b2, &cb2).await.unwrap();
+        newer_tx.send(t).await.unwrap();
+    });
+    let a2 = Arc::new(std::sync::Mutex::new(Some(a2)));
+
+    let (app, a_local) = tokio::io::duplex(1 << 16);
+    let (service, b_local) = tokio::io::duplex(1 << 16);
+    let cfg = ResumeConfig {
+        max_replay: 128 << 10,
+        ack_every: 16 << 10,
+        max_resumes: 2,
+    };
+    let cfg_a = cfg.clone();
+    let agent_a = tokio::spawn(async move {
+        let reconnect = move |_| {
+            let (s, ca) = (a2.lock().unwrap().take(), ca.clone());
+            async move {
+                let s = s.ok_or(TunnelError::Resume("A reconnects only once".into()))?;
+                Tunnel::handshake(s, &ca).await
+            }
+        };
+        resumable_bridge(a_local, ta1, reconnect, &cfg_a).await
+    });
+    let newer_rx = Arc::new(tokio::sync::Mutex::new(newer_rx));
+    let agent_b = tokio::spawn(async move {
+        let reconnect = |_| async { Err(TunnelError::Resume("B's old tunnel never fails".into())) };
+        let preempt = move || {
+            let rx = newer_rx.clone();
+            async move {
+                match rx.lock().await.recv().await {
+                    Some(t) => t,
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        resumable_bridge_preemptible(b_local, tb1, reconnect, preempt, &cfg).await
+    });
+    // The service echoes.
+    tokio::spawn(async move {
+        let (mut r, mut w) = tokio::io::split(service);
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+
+    let data = payload(LEN, 9);
+    let sum = common::mix(0xcbf29ce484222325, &data);
+    let progress = Arc::new(AtomicU64::new(0));
+    let (mut ar, mut aw) = tokio::io::split(app);
+    let writer = tokio::spawn(async move {
+        for c in data.chunks(16 << 10) {
+            aw.write_all(c).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        aw.shutdown().await.unwrap();
+    });
+    let p = progress.clone();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::new();
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = ar.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break back;
+            }
+            back.extend_from_slice(&buf[..n]);
+            p.fetch_add(n as u64, Relaxed);
+        }
+    });
+    let t0 = Instant::now();
+    while progress.load(Relaxed) < (LEN / 4) as u64 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no progress");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    stop_tx.send(true).unwrap();
+    let back = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the stream completed after the preemption")
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), LEN);
+    assert_eq!(common::mix(0xcbf29ce484222325, &back), sum);
+    let (sa, sb) = (
+        agent_a.await.unwrap().unwrap(),
+        agent_b.await.unwrap().unwrap(),
+    );
+    assert_eq!((sa.resumes, sb.resumes), (1, 1));
+    assert_eq!((sa.sent, sb.received), (LEN as u64, LEN as u64));
+}
+
+/// A local connection that fails (reset) on one side ends the stream on both at once: the
+/// failing side sends an abort, and the other closes its local connection instead of waiting
+/// for a resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_reset_aborts_the_peer_at_once() {
+    use steelyard_agent::resume::ResumeError;
+    let a = StaticKeypair::generate().unwrap();
+    let b = StaticKeypair::generate().unwrap();
+    let tcfg = |role, local: &StaticKeypair, remote: &StaticKeypair| TunnelConfig {
+        role,
+        local: local.clone(),
+        remote_public: remote.public,
+        binding: b"abort".to_vec(),
+        handshake_timeout: common::WAIT,
+    };
+    let (sa, sb) = tokio::io::duplex(1 << 16);
+    let (ca, cb) = (tcfg(Role::Initiator, &a, &b), tcfg(Role::Responder, &b, &a));
+    let (ta, tb) = tokio::join!(Tunnel::handshake(sa, &ca), Tunnel::handshake(sb, &cb));
+    let (ta, tb) = (ta.unwrap(), tb.unwrap());
+
+    // A's local side: a TCP connection the app resets.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut app = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+    let (a_local, _) = l.accept().await.unwrap();
+    // B's local side: the service, which must see its connection end.
+    let (mut service, b_local) = tokio::io::duplex(1 << 16);
+    let cfg = ResumeConfig::default();
+    let cfg_b = cfg.clone();
+    let never = |_| async {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Err::<Tunnel<tokio::io::DuplexStream>, _>(TunnelError::Resume("no resume".into()))
+    };
+    let agent_a = tokio::spawn(async move { resumable_bridge(a_local, ta, never, &cfg).await });
+    let agent_b = tokio::spawn(async move { resumable_bridge(b_local, tb, never, &cfg_b).await });
+
+    app.write_all(b"hello").await.unwrap();
+    let mut got = [0u8; 5];
+    service.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello");
+    app.set_zero_linger().unwrap();
+    drop(app);
+
+    let t0 = Instant::now();
+    let eb = tokio::time::timeout(Duration::from_secs(10), agent_b)
+        .await
+        .expect("B ended without waiting for a resume")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(eb, ResumeError::PeerAborted(_)), "{eb}");
+    assert!(
+        eb.to_string()
+            .starts_with("the peer aborted the stream: its local connection failed"),
+        "{eb}"
+    );
+    let ea = agent_a.await.unwrap().unwrap_err();
+    assert!(matches!(ea, ResumeError::Local(_)), "{ea}");
+    // The service's connection ended too (no half-close pretending the stream was complete:
+    // it was dropped).
+    let mut rest = Vec::new();
+    let _ = service.read_to_end(&mut rest).await;
+    eprintln!("abort reached B after {:?}: {eb}", t0.elapsed());
 }

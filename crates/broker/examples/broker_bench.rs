@@ -521,6 +521,7 @@ async fn run(
                     to: format!("peer-{to:05}"),
                     transport: TransportKind::Tcp,
                     service: String::new(),
+                    avoid: Vec::new(),
                 });
                 let sent = Instant::now();
                 sink.send(Message::Text(api::encode(&req).into()))
@@ -580,6 +581,7 @@ async fn echo(addr: SocketAddr, requests: u64, concurrency: u64) -> String {
         to: "peer-01234".into(),
         transport: TransportKind::Tcp,
         service: String::new(),
+        avoid: Vec::new(),
     }));
     let per = requests / concurrency;
     let t = Instant::now();

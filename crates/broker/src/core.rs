@@ -664,6 +664,15 @@ impl Core {
                 "service must be 1 to 64 bytes of [A-Za-z0-9._-], or empty".into(),
             );
         }
+        if req.avoid.len() > api::MAX_AVOID_RELAYS || !req.avoid.iter().all(|r| is_valid_id(r)) {
+            return fail(
+                ErrorCode::BadMessage,
+                format!(
+                    "avoid must list at most {} relay ids",
+                    api::MAX_AVOID_RELAYS
+                ),
+            );
+        }
         let b_conn = match self.peers.get(&req.to) {
             None => return fail(ErrorCode::UnknownPeer, format!("no peer named {}", req.to)),
             Some(b) if b.record.revoked => {
@@ -703,7 +712,26 @@ impl Core {
             .selector
             .decide(&request, now)
             .map_err(|e| no_choice_error(&e).for_request(req.request_id))?;
-        let relay = decision.winner.clone();
+        // A relay the requester just lost a tunnel through is skipped even if the broker has
+        // not noticed yet; the next one in rank order takes the session.
+        let avoided = |r: &str| req.avoid.iter().any(|a| a == r);
+        let relay = if avoided(decision.winner.as_str()) {
+            match decision.ranked.iter().find(|c| !avoided(c.relay.as_str())) {
+                Some(c) => c.relay.clone(),
+                None => {
+                    return fail(
+                        ErrorCode::NoUsableRelay,
+                        format!(
+                            "every usable relay is on the avoid list ({}): no other relay \
+                             reaches both peers",
+                            req.avoid.join(", ")
+                        ),
+                    )
+                }
+            }
+        } else {
+            decision.winner.clone()
+        };
         self.selector
             .record_assignment(relay.as_str(), now)
             .map_err(|e| err(ErrorCode::Internal, e.to_string()).for_request(req.request_id))?;
@@ -1055,13 +1083,31 @@ impl Core {
         }
     }
 
-    /// Marks a relay's connection gone. Its load report stays until it times out by policy.
+    /// Marks a relay's connection gone, and stops offering the relay at once: a relay whose
+    /// channel dropped has most likely died, and a new session through it would fail. Its last
+    /// load report is kept but counts as draining until the relay reports again (the first
+    /// report after it reconnects ends that).
     pub fn relay_offline(&mut self, relay: &str, conn: ConnId) {
-        if let Some(r) = self.relays.get_mut(relay) {
-            if r.conn == Some(conn) {
-                r.conn = None;
-            }
+        let Some(r) = self.relays.get_mut(relay) else {
+            return;
+        };
+        if r.conn != Some(conn) {
+            return;
         }
+        r.conn = None;
+        let Some((load, at)) = r.last_load.clone() else {
+            return;
+        };
+        let select_load = RelayLoad {
+            sessions: load.sessions.saturating_add(load.pending),
+            bandwidth_kbps: load
+                .bandwidth_in_kbps
+                .saturating_add(load.bandwidth_out_kbps),
+            cpu: load.cpu,
+            draining: true,
+        };
+        // Cannot fail: the relay is registered and this load was accepted before.
+        let _ = self.selector.relay_report(relay, select_load, at);
     }
 
     /// Records a relay's load report.

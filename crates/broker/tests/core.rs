@@ -235,6 +235,7 @@ fn connect_follows_the_selector_and_issues_both_tickets() {
         to: "bob".into(),
         transport: TransportKind::Tcp,
         service: String::new(),
+        avoid: Vec::new(),
     };
     let plan = c
         .connect("alice", 1, &req, SessionId([3; 16]), Timestamp(T0 + 10))
@@ -304,6 +305,7 @@ fn connect_errors_are_clear() {
         to: to.into(),
         transport: TransportKind::Tcp,
         service: String::new(),
+        avoid: Vec::new(),
     };
     let code = |c: &mut Core, to: &str| {
         c.connect("alice", 1, &req(to), SessionId([1; 16]), Timestamp(T0))
@@ -350,6 +352,7 @@ fn offers_wait_for_b_and_time_out() {
         to: "bob".into(),
         transport: TransportKind::Tcp,
         service: String::new(),
+        avoid: Vec::new(),
     };
     let plan = c
         .connect("alice", 1, &req, SessionId([1; 16]), Timestamp(T0))
@@ -497,5 +500,53 @@ fn a_peer_that_never_reported_is_asked_only_once_stale_since_it_came_online() {
     assert!(
         matches!(&sent[..], [(7, BrokerMessage::ReportNow(r))] if r.reason == "stale"),
         "{sent:?}"
+    );
+}
+
+/// Failover: a relay the requester names in `avoid` is skipped for the next-ranked one, an
+/// avoid list that leaves nothing is a clear error, and a relay whose channel drops stops being
+/// offered at once until it reports again.
+#[test]
+fn failover_skips_avoided_and_offline_relays() {
+    let mut c = core();
+    online_pair(&mut c, true);
+    let req = |avoid: &[&str]| ConnectRequest {
+        request_id: 4,
+        to: "bob".into(),
+        transport: TransportKind::Tcp,
+        service: String::new(),
+        avoid: avoid.iter().map(|s| s.to_string()).collect(),
+    };
+    let at = Timestamp(T0 + 10);
+    let relay_of = |c: &mut Core, avoid: &[&str], n: u8| {
+        c.connect("alice", 1, &req(avoid), SessionId([n; 16]), at)
+            .map(|p| p.ticket_a.relay_id)
+    };
+    assert_eq!(relay_of(&mut c, &[], 1).unwrap(), "r1");
+    assert_eq!(relay_of(&mut c, &["r1"], 2).unwrap(), "r2");
+    let e = relay_of(&mut c, &["r1", "r2"], 3).unwrap_err();
+    assert_eq!(e.code, ErrorCode::NoUsableRelay);
+    assert!(e.message.contains("avoid list (r1, r2)"), "{e}");
+    let many: Vec<String> = (0..9).map(|i| format!("x{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    assert_eq!(
+        relay_of(&mut c, &many, 4).unwrap_err().code,
+        ErrorCode::BadMessage
+    );
+
+    // r1's channel drops: the next connect goes to r2 without anyone reporting anything.
+    c.relay_online("r1", 50);
+    c.relay_offline("r1", 51); // an older, replaced connection: no effect
+    assert_eq!(relay_of(&mut c, &[], 5).unwrap(), "r1");
+    c.relay_offline("r1", 50);
+    assert_eq!(relay_of(&mut c, &[], 6).unwrap(), "r2");
+    let d = c.explain("alice", "bob", TransportKind::Tcp, at).unwrap();
+    assert!(d.rejected.iter().any(|r| r.relay.as_str() == "r1"), "{d:?}");
+    // It comes back and reports: offered again.
+    c.relay_online("r1", 52);
+    load(&mut c, T0 + 11);
+    assert_eq!(
+        relay_of(&mut c, &[], 7).map_err(|e| e.to_string()),
+        Ok("r1".to_owned())
     );
 }

@@ -41,6 +41,8 @@ pub const MAX_REPORT_PATHS: usize = 1024;
 /// Most relays in one relay-map page. The map is sent in pages so that no single message (and
 /// no per-connection buffer that holds one) grows with the number of relays.
 pub const RELAY_MAP_PAGE: usize = 32;
+/// Most relays a [`ConnectRequest`] may ask the broker to avoid.
+pub const MAX_AVOID_RELAYS: usize = 8;
 /// Domain separation prefix of every signed authentication payload.
 pub const AUTH_CONTEXT: &[u8] = b"steelyard-broker-auth-v1\0";
 
@@ -213,6 +215,10 @@ pub struct ConnectRequest {
     /// session is not for a named service. Passed to the other peer in [`Offer::service`].
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service: String,
+    /// Relays not to use for this session, at most [`MAX_AVOID_RELAYS`]: the agent just lost a
+    /// tunnel through them (the broker may not have noticed yet) and is resuming it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub avoid: Vec<String>,
 }
 
 /// Accept or refuse an offer.
@@ -861,6 +867,7 @@ mod tests {
             to: "b".into(),
             transport: TransportKind::Tcp,
             service: "ssh".into(),
+            avoid: Vec::new(),
         });
         assert!(encode(&req).contains(r#""service":"ssh""#));
         assert_eq!(decode_agent(&encode(&req), MAX_MESSAGE_BYTES).unwrap(), req);

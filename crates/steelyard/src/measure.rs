@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use steelyard_agent::measure::{measure_all, MeasureConfig, RelayTarget};
+use steelyard_agent::measure::{measure_all, MeasureConfig, RelayTarget, TtlScan};
 use steelyard_select::RelayId;
 
 /// Flags of `steelyard measure`.
@@ -25,6 +25,11 @@ pub struct MeasureArgs {
     /// Packets in the bandwidth burst (0 skips the bandwidth measurement).
     #[arg(long, default_value_t = MeasureConfig::default().burst_packets)]
     burst_packets: u16,
+    /// Count hops with a TTL scan only (one echo request per TTL, `IP_RECVERR`; Linux, IPv4),
+    /// ignoring the TTL the relay observed; without it the scan runs only when the relay
+    /// observed none.
+    #[arg(long)]
+    ttl_scan: bool,
     /// Print JSON (relay id and path metrics per reachable relay) instead of a table.
     #[arg(long)]
     json: bool,
@@ -56,6 +61,11 @@ pub fn run(args: MeasureArgs) -> Result<()> {
         probes: args.probes,
         spacing: Duration::from_millis(args.spacing_ms),
         burst_packets: args.burst_packets,
+        ttl_scan: if args.ttl_scan {
+            TtlScan::Only
+        } else {
+            TtlScan::Fallback
+        },
         ..MeasureConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -52,6 +52,7 @@ async fn still_works(alice: &mut Ws, request_id: u64) {
             to: "bob".into(),
             transport: TransportKind::Tcp,
             service: String::new(),
+            avoid: Vec::new(),
         }),
     )
     .await;
@@ -162,6 +163,7 @@ auth_timeout_secs = 1
                 to: "bob".into(),
                 transport: TransportKind::Tcp,
                 service: String::new(),
+                avoid: Vec::new(),
             }),
         )
         .await;

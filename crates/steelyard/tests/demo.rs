@@ -1,7 +1,8 @@
 //! `steelyard demo` end to end, as a user runs it: one process that starts a broker, three
 //! relays and two agents as its children, explains the broker's decision, moves data through a
-//! tunnel, stops the chosen relay and shows the next decision. The test checks the exit status
-//! and the output; it kills the demo if it runs longer than two minutes.
+//! tunnel, stops the chosen relay, shows the next decision and the live tunnel resuming on
+//! another relay. The test checks the exit status and the output; it kills the demo if it runs
+//! longer than two minutes.
 
 use std::io::Read as _;
 use std::process::{Command, Stdio};
@@ -88,10 +89,12 @@ fn demo_runs_end_to_end_and_fails_over() {
         out.contains(&format!("{first} is rejected: ")),
         "the stopped relay is listed as rejected:\n{out}"
     );
-    assert!(
-        out.contains(&format!("the live tunnel through {first} ended: ")),
-        "{out}"
-    );
+    let resumed = out
+        .lines()
+        .find_map(|l| l.strip_prefix("the live tunnel resumed on relay "))
+        .unwrap_or_else(|| panic!("the live tunnel did not resume:\n{out}"));
+    assert!(!resumed.starts_with(&format!("{first} ")), "{out}");
+    assert!(resumed.contains("256 KiB echoed intact"), "{out}");
     assert!(
         out.contains(&format!("a new tunnel via relay {second}: ")),
         "{out}"

@@ -1,7 +1,8 @@
 //! `steelyard demo`: the main job on loopback, in one command, with embedded defaults. It starts
 //! the real system as child processes of this binary (a broker, three relays, two agents), prints
 //! the broker's explained decision, moves data through a tunnel, stops the chosen relay and shows
-//! the next decision and a new tunnel through the new winner; then it tears everything down.
+//! the next decision, the live tunnel resuming on another relay without losing a byte, and a new
+//! tunnel through the new winner; then it tears everything down.
 //!
 //! `steelyard demo --offline` (or `--scenario FILE`) runs only the selection engine on a
 //! scenario, without processes ([`offline`]). `steelyard dev` starts the same local system as the

@@ -238,6 +238,7 @@ pub async fn send_connect(ws: &mut Ws, request_id: u64, to: &str) {
             to: to.into(),
             transport: api::TransportKind::Tcp,
             service: String::new(),
+            avoid: Vec::new(),
         }),
     )
     .await;

@@ -1,0 +1,415 @@
+//! Failover with real processes: a `steelyard broker`, two `steelyard relay`s linked to it,
+//! two `steelyard agent`s (alice opens, bob exposes an echo service).
+//!
+//! * `relay_killed_under_a_live_transfer`: `kill -9` on the relay carrying a live transfer; the
+//!   transfer completes through the other relay with every byte echoed back exactly once
+//!   (checksums equal), and a new connection made right after the kill goes through the other
+//!   relay (the time from the kill is printed and must stay under 2 s).
+//! * `broker_restart_under_a_live_tunnel`: the broker is killed and restarted on the same data
+//!   directory and port; the live tunnel keeps flowing while the broker is gone (the data path
+//!   never waits on it), and the agents reconnect by themselves so new tunnels open again.
+
+mod broker_support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use broker_support::*;
+use steelyard_agent::daemon::open_via_agent;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `steelyard <args>` and returns it with its first stdout line.
+fn start(args: &[&str]) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("FAILOVER_LOG").unwrap_or("warn".into()),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start steelyard");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let proc = Proc(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("steelyard {args:?} printed nothing within 30 s"));
+    (proc, line)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A broker config on a fixed port (so a restarted broker is found at the same URL) with a
+/// persistent store in `dir` (the ticket key and enrollments survive a restart) and a fast
+/// schedule.
+fn broker_config(dir: &Path, port: u16) -> String {
+    let head = base_config(dir).replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    format!(
+        "store = \"sqlite\"\n{head}\n[schedule]\ninterval_ms = 1000\njitter_ms = 100\n\
+         relay_load_interval_ms = 200\n"
+    )
+}
+
+/// Starts relay `id` linked to the broker; returns it.
+fn start_relay(dir: &Path, id: &str, broker: SocketAddr, ticket_key: &str) -> Proc {
+    let probe = free_udp_port();
+    let path = dir.join(format!("{id}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "relay_id = \"{id}\"\nbroker_keys = [\"{ticket_key}\"]\n\n[listen]\n\
+             tcp = \"127.0.0.1:0\"\nprobe = \"127.0.0.1:{probe}\"\n\n[broker]\n\
+             url = \"ws://{broker}/v1/relay\"\nidentity_key_file = \"{}\"\n\
+             enroll_token = \"{RELAY_TOKEN}\"\nadvertise_udp = \"127.0.0.1:{probe}\"\n",
+            dir.join(format!("{id}.key")).display()
+        ),
+    )
+    .unwrap();
+    let (proc, line) = start(&["relay", "--config", path.to_str().unwrap()]);
+    assert!(line.starts_with("relay listening"), "{line}");
+    proc
+}
+
+/// Starts agent `peer`; returns it and its control address.
+fn start_agent(dir: &Path, broker: SocketAddr, peer: &str, extra: &str) -> (Proc, SocketAddr) {
+    let control = free_port();
+    let path = dir.join(format!("{peer}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
+             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
+            dir.join(format!("{peer}.key")).display()
+        ),
+    )
+    .unwrap();
+    let (proc, line) = start(&["agent", "--config", path.to_str().unwrap()]);
+    assert!(
+        line.starts_with(&format!("agent {peer} control=")),
+        "{line}"
+    );
+    (proc, format!("127.0.0.1:{control}").parse().unwrap())
+}
+
+/// An echo service with half-close.
+async fn echo_service() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn payload(len: usize, seed: u32) -> Vec<u8> {
+    (0..len)
+        .map(|k| (k as u32).wrapping_mul(2654435761).wrapping_add(seed) as u8)
+        .collect()
+}
+
+/// Sends `data` through a tunnel and reads the echo back; returns the echoed bytes.
+async fn echo_all(s: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut r, mut w) = s.split();
+    let writer = async {
+        w.write_all(data).await.unwrap();
+    };
+    let reader = async {
+        let mut back = vec![0u8; data.len()];
+        r.read_exact(&mut back).await.unwrap();
+        back
+    };
+    tokio::join!(writer, reader).1
+}
+
+/// The system: broker, relays r1 and r2, alice and bob (echo). Waits until a tunnel from
+/// alice to bob's echo works (both agents have reported); returns the running processes.
+struct System {
+    broker: Option<BrokerProcess>,
+    addr: SocketAddr,
+    dir: std::path::PathBuf,
+    relays: Vec<(String, Proc)>,
+    _agents: Vec<Proc>,
+    alice: SocketAddr,
+    config: String,
+}
+
+impl System {
+    async fn start(name: &str) -> Self {
+        let dir = temp_dir(name);
+        let config = broker_config(&dir, free_port());
+        let broker = BrokerProcess::start(&dir, &config);
+        let (status, keys) = http_json(broker.addr, "GET", "/v1/keys", None, None).await;
+        assert_eq!(status, 200, "{keys}");
+        let ticket_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
+        let relays = ["r1", "r2"]
+            .iter()
+            .map(|id| {
+                (
+                    id.to_string(),
+                    start_relay(&dir, id, broker.addr, &ticket_key),
+                )
+            })
+            .collect();
+        let echo = echo_service().await;
+        let (a, alice) = start_agent(&dir, broker.addr, "alice", "");
+        let (b, _) = start_agent(
+            &dir,
+            broker.addr,
+            "bob",
+            &format!("[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"),
+        );
+        let sys = System {
+            addr: broker.addr,
+            dir: dir.clone(),
+            broker: Some(broker),
+            relays,
+            _agents: vec![a, b],
+            alice,
+            config,
+        };
+        // Both agents must have reported both relays before the broker can pick either.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, peers) = http_json(sys.addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+            let ok = |p: &str| {
+                peers["peers"].as_array().is_some_and(|a| {
+                    a.iter()
+                        .any(|x| x["id"] == p && x["online"] == true && x["paths"] == 2)
+                })
+            };
+            if ok("alice") && ok("bob") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agents did not report both relays within 30 s: {peers}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        sys
+    }
+
+    /// Opens a tunnel to bob's echo, retrying for `within`; returns it and its relay.
+    async fn open(&self, within: Duration) -> (TcpStream, String) {
+        let deadline = Instant::now() + within;
+        loop {
+            match open_via_agent(self.alice, "bob", "echo").await {
+                Ok((s, reply)) => return (s, reply.relay.unwrap()),
+                Err(e) => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "no tunnel within {within:?}: {e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_killed_under_a_live_transfer() {
+    // Debug builds encrypt slowly (about 1 MiB/s through an echo on a busy machine): small.
+    const LEN: usize = 3 << 20;
+    const CHUNK: usize = 64 << 10;
+    let mut sys = System::start("agent-failover").await;
+    let (mut live, relay) = sys.open(Duration::from_secs(30)).await;
+    // Warm the tunnel: a first round trip proves it is up end to end.
+    assert_eq!(echo_all(&mut live, b"hello").await, b"hello");
+
+    // The transfer: LEN bytes written in paced chunks while the echo is read back.
+    let data = payload(LEN, 7);
+    let sent_sum = fnv(&data);
+    let echoed = Arc::new(AtomicU64::new(0));
+    let (mut r, mut w) = live.into_split();
+    let writer = tokio::spawn(async move {
+        for c in data.chunks(CHUNK) {
+            w.write_all(c).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let progress = echoed.clone();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::with_capacity(LEN);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = r.read(&mut buf).await.expect("the live tunnel failed");
+            if n == 0 {
+                break back;
+            }
+            back.extend_from_slice(&buf[..n]);
+            progress.fetch_add(n as u64, Relaxed);
+        }
+    });
+    let started = Instant::now();
+    // Kill the carrying relay a third of the way in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while echoed.load(Relaxed) < (LEN / 3) as u64 {
+        assert!(
+            Instant::now() < deadline,
+            "the transfer stalled before the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let at_kill = echoed.load(Relaxed);
+    let before = started.elapsed();
+    let i = sys.relays.iter().position(|(id, _)| *id == relay).unwrap();
+    let (dead, mut proc) = sys.relays.remove(i);
+    proc.0.kill().unwrap();
+    let killed = Instant::now();
+    proc.0.wait().unwrap();
+
+    // A new connection, asked for at once, goes through the other relay: the broker stops
+    // offering a relay whose channel dropped, and an agent that cannot dial the relay it was
+    // given asks for another.
+    let (mut fresh, reply) = open_via_agent(sys.alice, "bob", "echo")
+        .await
+        .expect("a new tunnel right after the kill");
+    let via = reply.relay.unwrap();
+    let new_conn = killed.elapsed();
+    assert_ne!(via, dead, "a new tunnel went through the killed relay");
+    assert_eq!(
+        echo_all(&mut fresh, b"after the kill").await,
+        b"after the kill"
+    );
+    let new_echo = killed.elapsed();
+
+    // The live transfer completes, every byte once.
+    let back = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("the live transfer completed within 60 s of the kill")
+        .unwrap();
+    writer.await.unwrap();
+    let done = killed.elapsed();
+    assert_eq!(back.len(), LEN, "echoed bytes");
+    assert_eq!(fnv(&back), sent_sum, "checksum of the echoed stream");
+    eprintln!(
+        "agent_failover: killed {dead} after {at_kill} of {LEN} bytes echoed; a new tunnel via \
+         {via} opened {new_conn:?} after the kill and echoed {new_echo:?} after it; the live \
+         transfer resumed and completed {done:?} after the kill ({:.1} MiB/s before the kill, \
+         {:.1} MiB/s after it)",
+        at_kill as f64 / before.as_secs_f64() / 1048576.0,
+        (LEN as u64 - at_kill) as f64 / done.as_secs_f64() / 1048576.0,
+    );
+    assert!(
+        new_conn < Duration::from_secs(2),
+        "new connections took {new_conn:?} to avoid the killed relay (goal: 2 s)"
+    );
+
+    // The broker recorded the resumed stream's session on the surviving relay.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = http_json(
+            sys.addr,
+            "GET",
+            "/v1/admin/sessions?limit=100",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+        let carried = s["history"].as_array().is_some_and(|h| {
+            h.iter().any(|r| {
+                r["state"] == "ended"
+                    && r["relay"] == via.as_str()
+                    && r["bytes_a_to_b"].as_u64() == Some(LEN as u64 + 5)
+            })
+        });
+        if carried {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ended session via {via} with the stream's bytes: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_under_a_live_tunnel() {
+    let mut sys = System::start("agent-broker-restart").await;
+    let (mut live, _) = sys.open(Duration::from_secs(30)).await;
+    let data = payload(256 << 10, 3);
+    assert_eq!(fnv(&echo_all(&mut live, &data).await), fnv(&data));
+
+    // The broker dies (SIGKILL); the live tunnel keeps flowing.
+    drop(sys.broker.take());
+    let down = Instant::now();
+    let data = payload(1 << 20, 4);
+    assert_eq!(fnv(&echo_all(&mut live, &data).await), fnv(&data));
+    let e = open_via_agent(sys.alice, "bob", "echo").await.unwrap_err();
+    eprintln!("agent_broker_restart: with the broker down, a new tunnel fails: {e}");
+
+    // It comes back on the same data directory and port; the agents and relays reconnect.
+    let broker = BrokerProcess::start(&sys.dir, &sys.config);
+    assert_eq!(broker.addr, sys.addr);
+    sys.broker = Some(broker);
+    let (mut fresh, via) = sys.open(Duration::from_secs(30)).await;
+    let back = down.elapsed();
+    assert_eq!(
+        echo_all(&mut fresh, b"broker is back").await,
+        b"broker is back"
+    );
+    let data = payload(256 << 10, 5);
+    assert_eq!(fnv(&echo_all(&mut live, &data).await), fnv(&data));
+    eprintln!(
+        "agent_broker_restart: the live tunnel moved 1 MiB while the broker was down; a new \
+         tunnel via {via} opened {back:?} after the broker was killed"
+    );
+}
