@@ -10,15 +10,26 @@
 # Then a traced pass of TRACE tunnel connects under tcpdump on lo splits each connect at the
 # packets: local accept -> alice's request to the broker; the broker (offer to bob, bob's
 # reply, answer to alice); relay dials + Noise handshake up to alice's control reply; the byte
-# through the tunnel. Env: AGENT_BENCH_CONNECTS (1000), AGENT_BENCH_TRACE (300).
+# through the tunnel. Connects are paced GAP ms apart on every path: the broker's default limit
+# of 100 messages per second per agent connection (`[limits] messages_per_sec`) allows ~50
+# tunnel connects/s per agent (a connect request and a session_ended each), and a message over
+# the limit is dropped, leaving that connect to time out. The row counts the broker's
+# rate_limited errors during the run. Env: AGENT_BENCH_CONNECTS (1000), AGENT_BENCH_TRACE (300),
+# AGENT_BENCH_GAP_MS (25).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH_NAME=agent-connect
 COUNT=${AGENT_BENCH_CONNECTS:-1000}
 TRACE=${AGENT_BENCH_TRACE:-300}
+GAP=${AGENT_BENCH_GAP_MS:-25}
 command -v tcpdump >/dev/null || { echo "[$BENCH_NAME] installing tcpdump" >&2; apt-get install -y tcpdump >&2; }
 source bench/agent-system.bash
 
+rate_limited() {
+  curl -sf -H "Authorization: Bearer $ADMIN" "http://$BROKER/metrics" |
+    awk '/^steelyard_broker_errors_total\{code="rate_limited"\}/ { print $2; found = 1 } END { if (!found) print "?" }'
+}
+RL0=$(rate_limited)
 : >"$WORK/lat.jsonl"
 for mode in direct relay tunnel; do
   case $mode in
@@ -27,8 +38,9 @@ for mode in direct relay tunnel; do
     tunnel) args=(--target "$CONN_ECHO") ;;
   esac
   log "$mode: $COUNT sequential connects"
-  timeout 600 "$TUNNEL_LOAD" latency "$mode" --count "$COUNT" "${args[@]}" | tee -a "$WORK/lat.jsonl" >&2
+  timeout 900 "$TUNNEL_LOAD" latency "$mode" --count "$COUNT" --gap-ms "$GAP" "${args[@]}" | tee -a "$WORK/lat.jsonl" >&2
 done
+RL1=$(rate_limited)
 
 log "traced pass: $TRACE tunnel connects under tcpdump"
 port() { echo "${1##*:}"; }
@@ -44,16 +56,18 @@ tcpdump -i lo -s 128 -B 16384 -w "$WORK/trace.pcap" \
   2>"$WORK/tcpdump.log" & TCPDUMP=$!
 PIDS+=("$TCPDUMP")
 sleep 1
-timeout 600 "$TUNNEL_LOAD" latency tunnel --count "$TRACE" --target "$CONN_ECHO" >"$WORK/traced.json"
+timeout 600 "$TUNNEL_LOAD" latency tunnel --count "$TRACE" --gap-ms "$GAP" --target "$CONN_ECHO" >"$WORK/traced.json"
 sleep 0.5
 kill -INT "$TCPDUMP"; wait "$TCPDUMP" 2>/dev/null || true
 [[ -n ${AGENT_BENCH_KEEP_PCAP:-} ]] && cp "$WORK/trace.pcap" "$AGENT_BENCH_KEEP_PCAP"
 
-python3 - "$WORK/lat.jsonl" "$WORK/traced.json" "$WORK/trace.pcap" "$COUNT" "$LOADAVG" \
+python3 - "$WORK/lat.jsonl" "$WORK/traced.json" "$WORK/trace.pcap" "$COUNT" "$LOADAVG" "$GAP" "$RL0" "$RL1" \
   "$(port "$CONN_ECHO")" "$ALICE_CTL_PORT" "$BPORT" "$ALICE_WS" "$BOB_WS" "$(port "$RELAY_TCP")" "$(port "$ECHO")" <<'PY'
 import json, statistics, struct, sys
-lat, traced, pcap, count, loadavg = sys.argv[1:6]
-L, CTL, BRK, AWS, BWS, RLY, ECHO = map(int, sys.argv[6:13])
+lat, traced, pcap, count, loadavg, gap, rl0, rl1 = sys.argv[1:9]
+L, CTL, BRK, AWS, BWS, RLY, ECHO = map(int, sys.argv[9:16])
+limited = int(rl1) - int(rl0) if rl0.isdigit() and rl1.isdigit() else "unknown"
+
 runs = {r["mode"]: r for r in map(json.loads, open(lat))}
 d, r, t = runs["direct"], runs["relay"], runs["tunnel"]
 tr = json.load(open(traced))
@@ -117,12 +131,12 @@ share = lambda k: 100 * med[k] / med["total"]
 
 fmt = lambda x: f"p50 {x['p50_ms']:.2f}, p90 {x['p90_ms']:.2f}, p99 {x['p99_ms']:.2f}, max {x['max_ms']:.2f} ms"
 fails = f"{t['failures']} of {t['count']} failed" if t["failures"] else "none failed"
-print(f"| agent tunnel: local connect to first echoed byte, {count} sequential connects, loopback | {fmt(t)} "
+print(f"| agent tunnel: local connect to first echoed byte, {count} sequential connects {gap} ms apart, loopback | {fmt(t)} "
       f"| goal p50 ≤ 5 ms; bare relay {fmt(r)}; echo direct {fmt(d)} | {5 / t['p50_ms']:.2f}× goal (p50); "
       f"{t['p50_ms'] / r['p50_ms']:.1f}× bare relay, {t['p50_ms'] / d['p50_ms']:.0f}× direct (p50) "
-      f"| `steelyard connect` → alice's agent → broker (offer to bob, bob accepts, answer) → both agents dial the relay → Noise KK handshake → byte → bob's agent → echo service and back; {fails}. "
+      f"| `steelyard connect` → alice's agent → broker (offer to bob, bob accepts, answer) → both agents dial the relay → Noise KK handshake → byte → bob's agent → echo service and back; {fails}; broker rate_limited errors during the run: {limited}. "
       f"Bare relay: fresh ticket pair per connect, both sides dial at once, no broker, no encryption (the same relay process). "
-      f"Client `tunnel_load` (sequential, one connect at a time). 2 shared cores, load average {loadavg} at start (other builds were running) |")
+      f"Client `tunnel_load` (sequential, one connect at a time, {gap} ms pause after each on every path: the broker allows an agent 100 messages/s). 2 shared cores, load average {loadavg} at start (other builds were running) |")
 print(f"| where a tunnel connect's time goes (median of {n} traced connects, tcpdump on lo) | "
       f"broker {med['broker']:.2f} ms ({share('broker'):.0f} %), bob's offer decision {med['bob']:.2f} ms ({share('bob'):.0f} %) "
       f"| relay dials + Noise handshake {med['relay']:.2f} ms ({share('relay'):.0f} %); first byte through the tunnel {med['data']:.2f} ms ({share('data'):.0f} %); "
