@@ -58,9 +58,11 @@ for streams in (1, 16):
     r, rc, rsp = pick("relay")
     d, dc, dsp = pick("direct")
     tunnel_cpu = ", ".join(f"{k} {tc[k]:.2f}" for k in ("connect", "alice", "relay", "bob", "broker", "client"))
+    t_all, r_all = sum(tc.values()), rc["relay"] + rc["client"]
     print(f"| agent tunnel throughput, {streams} stream(s), {gib:g} GiB per round, loopback, median of {rounds} alternating rounds "
           f"| {t:.2f} Gbit/s | bare relay {r:.2f} Gbit/s; direct {d:.2f} Gbit/s | {t/r:.2f}× bare relay, {t/d:.2f}× direct "
-          f"| CPU s/GB, tunnel: {tunnel_cpu}; bare relay: relay {rc['relay']:.2f}, client {rc['client']:.2f}; direct: client {dc['client']:.2f}. "
+          f"| CPU s/GB, tunnel: {tunnel_cpu} (all {t_all:.2f}, {t_all / r_all:.1f}× the bare relay's); bare relay: relay {rc['relay']:.2f}, client {rc['client']:.2f} (all {r_all:.2f}); direct: client {dc['client']:.2f}. "
+          f"On 2 shared cores every path is CPU-bound, so CPU s/GB is the steadier figure. "
           f"Rounds (Gbit/s): tunnel {tsp}, relay {rsp}, direct {dsp}. Tunnel = sender → `steelyard connect` → alice's agent (Noise KK, ChaCha20-Poly1305, 16 KiB chunks) "
           f"→ relay → bob's agent → receiver; bare relay = the same relay process, tickets signed by the client, no encryption. "
           f"Client `tunnel_load throughput` (blocking thread per socket end, 128 KiB writes). 2 shared cores, load average {loadavg} at start (other builds were running) |")
