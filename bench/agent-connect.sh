@@ -97,7 +97,8 @@ def first(i, end, pred):
         if pred(pk[j]):
             return j
     return None
-phases = {k: [] for k in ("local", "broker", "bob", "relay", "data", "total")}
+phases = {k: [] for k in ("local", "broker", "bob", "relay", "data", "total", "pair", "noise", "noise_cpu")}
+HS = 50  # a Noise KK handshake message with an empty payload: 32-byte key + 16-byte tag, 2-byte length
 skipped = {}
 for n, i in enumerate(starts):
     end = starts[n + 1] if n + 1 < len(starts) else len(pk)
@@ -122,11 +123,24 @@ for n, i in enumerate(starts):
     phases["relay"].append(T(ok) - T(ans))
     phases["data"].append(T(back) - T(ok))
     phases["total"].append(T(back) - T(i))
+    # Inside the relay phase: alice's first handshake message (to the relay) names alice's relay
+    # connection; the relay's last status frame to it before that is "paired".
+    m1 = first(ans, ok, lambda p: p[2] == RLY and p[4] == HS)
+    if m1 is not None:
+        a_port = pk[m1][1]
+        paired = max((j for j in range(ans, m1) if pk[j][1] == RLY and pk[j][2] == a_port and pk[j][4] > 0), default=None)
+        f1 = first(m1, ok, lambda p: p[1] == RLY and p[2] != a_port and p[4] == HS)
+        m2 = f1 and first(f1, ok, lambda p: p[2] == RLY and p[1] != a_port and p[4] == HS)
+        f2 = m2 and first(m2, ok, lambda p: p[1] == RLY and p[2] == a_port and p[4] == HS)
+        if None not in (paired, f1, m2, f2):
+            phases["pair"].append(T(paired) - T(ans))
+            phases["noise"].append(T(ok) - T(paired))
+            phases["noise_cpu"].append((T(m1) - T(paired)) + (T(m2) - T(f1)) + (T(ok) - T(f2)))
 n = len(phases["total"])
 print(f"trace: {len(starts)} connects, {n} split; not split (first missing packet): {skipped or 'none'}", file=sys.stderr)
 if n < len(starts) * 0.9 or n == 0:
     sys.exit(f"the trace split only {n} of {len(starts)} connects; see the pcap")
-med = {k: statistics.median(v) for k, v in phases.items()}
+med = {k: statistics.median(v) if v else float("nan") for k, v in phases.items()}
 share = lambda k: 100 * med[k] / med["total"]
 
 fmt = lambda x: f"p50 {x['p50_ms']:.2f}, p90 {x['p90_ms']:.2f}, p99 {x['p99_ms']:.2f}, max {x['max_ms']:.2f} ms"
@@ -139,8 +153,10 @@ print(f"| agent tunnel: local connect to first echoed byte, {count} sequential c
       f"Client `tunnel_load` (sequential, one connect at a time, {gap} ms pause after each on every path: the broker allows an agent 100 messages/s). 2 shared cores, load average {loadavg} at start (other builds were running) |")
 print(f"| where a tunnel connect's time goes (median of {n} traced connects, tcpdump on lo) | "
       f"broker {med['broker']:.2f} ms ({share('broker'):.0f} %), bob's offer decision {med['bob']:.2f} ms ({share('bob'):.0f} %) "
-      f"| relay dials + Noise handshake {med['relay']:.2f} ms ({share('relay'):.0f} %); first byte through the tunnel {med['data']:.2f} ms ({share('data'):.0f} %); "
-      f"local accept + control request {med['local']:.2f} ms ({share('local'):.0f} %) | total {med['total']:.2f} ms on the wire "
+      f"| relay dials + Noise handshake {med['relay']:.2f} ms ({share('relay'):.0f} %: dial and pairing {med['pair']:.2f} ms, "
+      f"handshake from 'paired' to the control reply {med['noise']:.2f} ms, of which {med['noise_cpu']:.2f} ms inside the agents between packets, "
+      f"Noise KK: an ephemeral key and X25519 operations on each side, plus wake-ups; {len(phases['noise'])} connects split); first byte through the tunnel {med['data']:.2f} ms ({share('data'):.0f} %); "
+      f"local accept + control request {med['local']:.2f} ms ({share('local'):.0f} %); medians of each phase, so they need not add up | total {med['total']:.2f} ms on the wire "
       f"(client saw p50 {tr['p50_ms']:.2f} ms under capture) | split at packets: SYN at alice's listener; alice's connect request to the broker; "
       f"the broker's offer to bob and bob's reply (bob's share); the broker's answer to alice (broker = request → answer minus bob's share: two WebSocket hops each way, selection, 2 tickets); "
       f"alice's control reply (after relay pairing and the handshake); the echoed byte at the listener (includes bob's connect to the service) |")
