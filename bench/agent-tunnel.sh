@@ -40,9 +40,11 @@ for streams in 1 16; do
   done
 done
 
-python3 - "$WORK/results.jsonl" "$BYTES" "$ROUNDS" "$LOADAVG" <<'PY'
+# The tunnel's plaintext chunk per frame, as the agent crate defines it (for the notes).
+CHUNK=$(sed -n 's/^pub const MAX_CHUNK: usize = \(.*\);/\1/p' crates/agent/src/tunnel.rs)
+python3 - "$WORK/results.jsonl" "$BYTES" "$ROUNDS" "$LOADAVG" "${CHUNK:-unknown}" <<'PY'
 import json, statistics, sys
-path, nbytes, rounds, loadavg = sys.argv[1:]
+path, nbytes, rounds, loadavg, chunk = sys.argv[1:]
 rows = [json.loads(l) for l in open(path) if l.strip()]
 gib = int(nbytes) / 2**30
 for streams in (1, 16):
@@ -63,7 +65,7 @@ for streams in (1, 16):
           f"| {t:.2f} Gbit/s | bare relay {r:.2f} Gbit/s; direct {d:.2f} Gbit/s | {t/r:.2f}× bare relay, {t/d:.2f}× direct "
           f"| CPU s/GB, tunnel: {tunnel_cpu} (all {t_all:.2f}, {t_all / r_all:.1f}× the bare relay's); bare relay: relay {rc['relay']:.2f}, client {rc['client']:.2f} (all {r_all:.2f}); direct: client {dc['client']:.2f}. "
           f"On 2 shared cores every path is CPU-bound, so CPU s/GB is the steadier figure. "
-          f"Rounds (Gbit/s): tunnel {tsp}, relay {rsp}, direct {dsp}. Tunnel = sender → `steelyard connect` → alice's agent (Noise KK, ChaCha20-Poly1305, 16 KiB chunks) "
+          f"Rounds (Gbit/s): tunnel {tsp}, relay {rsp}, direct {dsp}. Tunnel = sender → `steelyard connect` → alice's agent (Noise KK, ChaCha20-Poly1305, MAX_CHUNK = {chunk} bytes of plaintext per frame) "
           f"→ relay → bob's agent → receiver; bare relay = the same relay process, tickets signed by the client, no encryption. "
           f"Client `tunnel_load throughput` (blocking thread per socket end, 128 KiB writes). 2 shared cores, load average {loadavg} at start (other builds were running) |")
 PY
