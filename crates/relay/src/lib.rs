@@ -26,12 +26,14 @@
 pub mod broker_link;
 pub mod client;
 pub mod config;
+pub mod keys;
 pub mod limit;
 pub mod metrics;
 pub mod pairing;
 pub mod probe;
 pub mod server;
 pub mod splice;
+pub mod udp_batch;
 pub mod udp_core;
 pub mod wire;
 

@@ -153,7 +153,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         // The identity key is loaded before the ports are announced: a bad one stops here.
         let link = match &cfg.broker {
             Some(b) => {
-                let link = BrokerLink::new(&cfg, relay.handle().metrics().clone(), addrs)
+                let link = BrokerLink::new(&cfg, &relay.handle(), addrs)
                     .context("cannot start the broker link")?;
                 tracing::info!(url = %b.url, identity = %link.public_key_hex(), "reporting to the broker");
                 Some(link.spawn())
