@@ -291,6 +291,11 @@ pub struct Limits {
     /// Most used tickets remembered for replay protection; when full, new tickets are refused
     /// (`full`) rather than forgotten early.
     pub max_remembered_tickets: u32,
+    /// Most pipes for `splice(2)` open at once (a busy TCP session holds two, each up to
+    /// 256 KiB of kernel memory). A session direction that gets none copies through a 64 KiB
+    /// userspace buffer instead (counted in `steelyard_relay_tcp_pipe_fallbacks_total`), as it
+    /// does when the kernel refuses a pipe. 0 = never splice.
+    pub max_pipes: u32,
 }
 
 impl Default for Limits {
@@ -306,6 +311,7 @@ impl Default for Limits {
             udp_idle_timeout_secs: 60,
             max_clock_skew_secs: 30,
             max_remembered_tickets: 1_000_000,
+            max_pipes: 16_384,
         }
     }
 }

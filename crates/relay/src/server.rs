@@ -587,6 +587,12 @@ async fn run_session(mut mine: TcpStream, my_ticket: Ticket, partner: Partner, s
             b_limits: lim(b_t),
             idle: Duration::from_secs(u64::from(idle_secs)),
             global: shared.global_bw.as_ref(),
+            pipes: splice::PipeBudget {
+                max_open: u64::from(shared.cfg.limits.max_pipes),
+                open: &m.tcp_pipes_open,
+                fallbacks: &m.tcp_pipe_fallbacks,
+                resize_failures: &m.tcp_pipe_resize_failures,
+            },
             a_to_b: &m.bytes_a_to_b,
             b_to_a: &m.bytes_b_to_a,
         },
