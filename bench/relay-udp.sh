@@ -18,7 +18,8 @@ ROUNDS=${RELAY_BENCH_ROUNDS:-3}
 log() { echo "[relay-udp] $*" >&2; }
 command -v turnserver >/dev/null || { log "installing coturn"; apt-get install -y coturn >&2; }
 log "building release binaries"
-cargo build --release -p steelyard-relay --example relay_load --example relay_server >&2
+cargo build --release -p steelyard-relay --example relay_load >&2
+cargo build --release -p steelyard --bin steelyard >&2
 LOAD=target/release/examples/relay_load
 WORK=$(mktemp -d)
 PIDS=()
@@ -29,17 +30,9 @@ trap 'cat "$WORK"/*.log >&2 2>/dev/null || true' ERR
 SEED=0707070707070707070707070707070707070707070707070707070707070707
 PUB=$($LOAD pubkey "$SEED")
 P_TCP=15223; P_UDP=15224; P_TURN=15478; P_PEER=15480
-if cargo build --release -p steelyard >&2; then
-  RELAY_DESC='`steelyard relay` (release)'
-  target/release/steelyard relay --relay-id bench-relay --broker-key "$PUB" --tcp 127.0.0.1:$P_TCP \
-    --udp 127.0.0.1:$P_UDP >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
-else
-  log "the steelyard binary does not build now: using examples/relay_server (same relay code)"
-  RELAY_DESC='relay crate via examples/relay_server (steelyard binary did not build)'
-  printf 'relay_id = "bench-relay"\nbroker_keys = ["%s"]\n[listen]\ntcp = "127.0.0.1:%s"\nudp = "127.0.0.1:%s"\n' \
-    "$PUB" $P_TCP $P_UDP >"$WORK/relay.toml"
-  target/release/examples/relay_server "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
-fi
+RELAY_DESC='`steelyard relay` (release)'
+target/release/steelyard relay --relay-id bench-relay --broker-key "$PUB" --tcp 127.0.0.1:$P_TCP \
+  --udp 127.0.0.1:$P_UDP >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
 PIDS+=("$RPID")
 turnserver -n --no-cli --no-tls --no-dtls --listening-ip 127.0.0.1 --relay-ip 127.0.0.1 \
   --listening-port $P_TURN --min-port 40000 --max-port 40999 --lt-cred-mech --user bench:bench \
