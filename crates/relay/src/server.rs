@@ -260,6 +260,8 @@ impl Relay {
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_loop(tcp, shared.clone(), drain_tx.subscribe()));
         let udp_stop = Arc::new(AtomicBool::new(false));
+        // Stops the UDP thread however `run` ends, also when its future is dropped.
+        let _udp_stop_on_drop = StopOnDrop(udp_stop.clone());
         let udp_thread = match udp {
             Some(sock) => {
                 let (shared, stop) = (shared.clone(), udp_stop.clone());
@@ -317,6 +319,15 @@ impl Relay {
         }
         info!("drained");
         Ok(())
+    }
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
     }
 }
 

@@ -371,3 +371,23 @@ async fn status_and_metrics_report_load_and_draining() {
         .unwrap()
         .unwrap();
 }
+
+/// The UDP thread ends with the relay, also when the relay's future is dropped (its task
+/// aborted): the UDP port is free again soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_relay_frees_its_udp_port() {
+    let relay = steelyard_relay::Relay::bind(config()).await.unwrap();
+    let udp = relay.addrs().udp.unwrap();
+    let task = tokio::spawn(relay.run());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    let _ = task.await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::UdpSocket::bind(udp) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "UDP port still held: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
