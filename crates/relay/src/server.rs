@@ -776,6 +776,9 @@ struct UdpSender {
     fd: std::os::fd::RawFd,
     hdrs: MultiHeaders<SockaddrStorage>,
     gso: bool,
+    /// Segment size from which GSO sends were refused (larger than the path's MTU allows):
+    /// runs of datagrams this long or longer go one by one.
+    gso_refused_at: usize,
     groups: Vec<udp_batch::Group>,
     singles: Vec<usize>,
     addrs: Vec<Option<SockaddrStorage>>,
@@ -787,6 +790,7 @@ impl UdpSender {
             fd,
             hdrs: MultiHeaders::preallocate(UDP_BATCH, None),
             gso: true,
+            gso_refused_at: usize::MAX,
             groups: Vec::new(),
             singles: Vec::with_capacity(UDP_BATCH),
             addrs: Vec::with_capacity(UDP_BATCH),
@@ -811,7 +815,7 @@ impl UdpSender {
         let mut sent = 0;
         let groups = std::mem::take(&mut self.groups);
         for g in &groups {
-            if g.items.len() == 1 || !self.gso {
+            if g.items.len() == 1 || !self.gso || g.segment >= self.gso_refused_at {
                 self.singles.extend_from_slice(&g.items);
                 continue;
             }
@@ -836,6 +840,9 @@ impl UdpSender {
                     if matches!(e, Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) {
                         warn!("UDP GSO unavailable ({e}): forwarding one datagram per message");
                         self.gso = false;
+                    } else if matches!(e, Errno::EINVAL | Errno::EMSGSIZE) {
+                        // Segments too long for the route's MTU: do not try this size again.
+                        self.gso_refused_at = self.gso_refused_at.min(g.segment);
                     }
                     self.singles.extend_from_slice(&g.items);
                 }
