@@ -25,7 +25,8 @@ if (( 2 * N + 500 > HARD )); then
   log "hard open-files limit is $HARD (cannot raise it here): $N sessions instead of $ASKED"
 fi
 log "building release binaries"
-cargo build --release -p steelyard-relay --example relay_load --example relay_server >&2
+cargo build --release -p steelyard-relay --example relay_load >&2
+cargo build --release -p steelyard --bin steelyard >&2
 LOAD=target/release/examples/relay_load
 WORK=$(mktemp -d)
 PIDS=()
@@ -46,14 +47,8 @@ max_sessions = $((N + 1000))
 [limits]
 max_connections = $((2 * N + 2000))
 CFG
-if cargo build --release -p steelyard >&2; then
-  RELAY_DESC='`steelyard relay` (release)'
-  target/release/steelyard relay --config "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
-else
-  log "the steelyard binary does not build now: using examples/relay_server (same relay code)"
-  RELAY_DESC='relay crate via examples/relay_server (steelyard binary did not build)'
-  target/release/examples/relay_server "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
-fi
+RELAY_DESC='`steelyard relay` (release)'
+target/release/steelyard relay --config "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
 PIDS+=("$RPID")
 cat >"$WORK/haproxy.cfg" <<CFG
 global

@@ -16,7 +16,8 @@ ROUNDS=${RELAY_BENCH_ROUNDS:-3}
 log() { echo "[relay-tcp] $*" >&2; }
 command -v haproxy >/dev/null || { log "installing haproxy"; apt-get install -y haproxy >&2; }
 log "building release binaries"
-cargo build --release -p steelyard-relay --example relay_load --example relay_server >&2
+cargo build --release -p steelyard-relay --example relay_load >&2
+cargo build --release -p steelyard --bin steelyard >&2
 LOAD=target/release/examples/relay_load
 WORK=$(mktemp -d)
 PIDS=()
@@ -27,18 +28,9 @@ trap 'cat "$WORK"/*.log >&2 2>/dev/null || true' ERR
 SEED=0707070707070707070707070707070707070707070707070707070707070707
 PUB=$($LOAD pubkey "$SEED")
 P_HAP=15202; P_BACK=15212; P_RELAY=15203
-if cargo build --release -p steelyard >&2; then
-  RELAY_DESC='`steelyard relay` (release)'
-  target/release/steelyard relay --relay-id bench-relay --broker-key "$PUB" --tcp 127.0.0.1:$P_RELAY \
-    >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
-else
-  # Only when another crate of the workspace does not build at the moment: the same relay
-  # crate and runtime, started by the relay_server example instead of the steelyard binary.
-  log "the steelyard binary does not build now: using examples/relay_server (same relay code)"
-  RELAY_DESC='relay crate via examples/relay_server (steelyard binary did not build)'
-  printf 'relay_id = "bench-relay"\nbroker_keys = ["%s"]\n[listen]\ntcp = "127.0.0.1:%s"\n' "$PUB" $P_RELAY >"$WORK/relay.toml"
-  target/release/examples/relay_server "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
-fi
+RELAY_DESC='`steelyard relay` (release)'
+target/release/steelyard relay --relay-id bench-relay --broker-key "$PUB" --tcp 127.0.0.1:$P_RELAY \
+  >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
 PIDS+=("$RPID")
 cat > "$WORK/haproxy.cfg" <<CFG
 global

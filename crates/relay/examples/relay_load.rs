@@ -213,6 +213,24 @@ struct Snap {
     bytes: u64,
     cpu: f64,
     own: f64,
+    switches: Option<u64>,
+}
+
+/// Context switches (voluntary and not) of every thread of process `pid` so far: how often
+/// it went to sleep and was woken, or was preempted.
+fn context_switches(pid: &str) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+        for line in status.lines() {
+            if line.starts_with("voluntary_ctxt_switches:")
+                || line.starts_with("nonvoluntary_ctxt_switches:")
+            {
+                total += line.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some(total)
 }
 
 fn snap(bytes: &AtomicU64, pid: &Option<String>) -> Snap {
@@ -221,6 +239,7 @@ fn snap(bytes: &AtomicU64, pid: &Option<String>) -> Snap {
         bytes: bytes.load(Relaxed),
         cpu: pid.as_deref().map_or(f64::NAN, cpu_secs),
         own: cpu_secs("self"),
+        switches: pid.as_deref().and_then(context_switches),
     }
 }
 
@@ -233,8 +252,12 @@ fn report(kind: &str, mode: &str, extra: &str, s0: &Snap, s1: &Snap, unit: &str)
     } else {
         format!("{cpu:.3}")
     };
+    let switches = match (s0.switches, s1.switches) {
+        (Some(a), Some(b)) => (b - a).to_string(),
+        _ => "null".into(),
+    };
     println!(
-        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"client_cpu_s\":{:.3}}}",
+        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"path_switches\":{switches},\"client_cpu_s\":{:.3}}}",
         n / secs,
         s1.own - s0.own
     );

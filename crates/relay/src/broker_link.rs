@@ -14,11 +14,15 @@
 //!   [`BACKOFF_MAX`] ([`backoff_delay`]); the backoff resets once a welcomed connection has
 //!   lasted [`STABLE_AFTER`].
 //!
-//! What it does **not** do: change which ticket keys the relay trusts. The welcome's
-//! `ticket_keys` are compared with `broker_keys` of the config, and a key the relay does not
-//! trust is logged as a warning naming the key to add (the verifier is fixed when the relay
-//! binds). It never stops the relay: a broker that is down or refuses the relay only means
-//! reports are not delivered, and the relay keeps serving tickets it can verify.
+//! * hands the welcome's `ticket_keys` to the relay's [`TrustedKeys`]: without `broker_keys` in
+//!   the config they become the keys tickets verify against (replaced on every welcome, kept
+//!   when the link drops); with `broker_keys` the set is pinned and a key the relay does not
+//!   trust is logged as a warning naming the key to add.
+//!
+//! It never stops the relay: a broker that is down or refuses the relay only means reports
+//! are not delivered (and, without pinned keys, that tickets get `not_ready` until the first
+//! welcome), and the relay keeps serving tickets it can verify. Announced keys are as
+//! trustworthy as the link: use `wss://` (the broker's certificate is checked) off loopback.
 //!
 //! The enrollment token, when configured, is sent in every hello: the broker ignores it for a
 //! relay it already knows with the same key, and a broker restarted with an in-memory store
@@ -38,7 +42,6 @@ use steelyard_proto::api::{
     self, ApiError, BrokerMessage, GeoLocation, LoadReport, RelayCapacity, RelayHello,
     RelayMessage, RelayWelcome, Role, API_VERSION, MAX_MESSAGE_BYTES,
 };
-use steelyard_proto::ticket::KeyId;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -48,8 +51,9 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, info, warn};
 
 use crate::config::{BrokerLinkConfig, RelayConfig};
+use crate::keys::TrustedKeys;
 use crate::metrics::{cpus, Metrics};
-use crate::server::BoundAddrs;
+use crate::server::{BoundAddrs, RelayHandle};
 
 /// First reconnect delay (before jitter).
 pub const BACKOFF_BASE: Duration = Duration::from_millis(250);
@@ -276,6 +280,7 @@ pub struct BrokerLink {
     relay: RelayConfig,
     key: SigningKey,
     metrics: Arc<Metrics>,
+    keys: TrustedKeys,
     addrs: BoundAddrs,
     tls: Option<tokio_rustls::TlsConnector>,
     host: String,
@@ -289,11 +294,12 @@ enum Ended {
 }
 
 impl BrokerLink {
-    /// Prepares a link for `relay` (whose `[broker]` section must be set): loads or creates
-    /// the identity key and the TLS settings. Fails on what a retry cannot fix.
+    /// Prepares a link for `relay` (whose `[broker]` section must be set) running as
+    /// `handle`: loads or creates the identity key and the TLS settings. Fails on what a retry
+    /// cannot fix.
     pub fn new(
         relay: &RelayConfig,
-        metrics: Arc<Metrics>,
+        handle: &RelayHandle,
         addrs: BoundAddrs,
     ) -> Result<Self, LinkError> {
         let link = relay.broker.clone().ok_or(LinkError::NotConfigured)?;
@@ -308,7 +314,8 @@ impl BrokerLink {
             link,
             relay: relay.clone(),
             key,
-            metrics,
+            metrics: handle.metrics().clone(),
+            keys: handle.keys().clone(),
             addrs,
             tls,
             host,
@@ -451,7 +458,7 @@ impl BrokerLink {
             interval_ms,
             "connected to the broker"
         );
-        self.check_ticket_keys(&welcome);
+        self.take_ticket_keys(&welcome);
 
         let mut tick = tokio::time::interval(Duration::from_millis(interval_ms));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -521,24 +528,32 @@ impl BrokerLink {
         }
     }
 
-    fn check_ticket_keys(&self, welcome: &RelayWelcome) {
-        let trusted: Vec<KeyId> = self
-            .relay
-            .broker_keys
-            .iter()
-            .filter_map(|k| crate::config::parse_public_key(k).ok())
-            .map(|k| KeyId::of(&k))
-            .collect();
+    /// Trusts the welcome's ticket keys, or (pinned keys) warns about any not trusted.
+    fn take_ticket_keys(&self, welcome: &RelayWelcome) {
+        let mut announced = Vec::new();
         for info in &welcome.ticket_keys {
             match api::parse_public_key(&info.public_key) {
-                Ok(k) if trusted.contains(&KeyId::of(&k)) => {}
-                Ok(_) => warn!(
-                    key = %info.public_key,
-                    "the broker signs tickets with a key this relay does not trust; add it to \
-                     broker_keys (--broker-key) and restart, or its tickets are refused as forged"
-                ),
+                Ok(k) => announced.push(k),
                 Err(e) => warn!("the broker announced an invalid ticket key: {e}"),
             }
+        }
+        if !self.keys.is_pinned() {
+            if announced.is_empty() {
+                warn!(
+                    "the broker announced no ticket keys: every ticket will be refused as forged"
+                );
+            }
+            info!(keys = announced.len(), "trusting the broker's ticket keys");
+            self.keys.announce(announced);
+            return;
+        }
+        for k in announced.iter().filter(|k| !self.keys.trusts(k)) {
+            warn!(
+                key = %api::public_key_hex(k),
+                "the broker signs tickets with a key this relay does not trust; add it to \
+                 broker_keys (--broker-key) and restart, or remove broker_keys to trust the \
+                 broker's keys; until then its tickets are refused as forged"
+            );
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The relay's configuration: a TOML file, with every section optional except the relay's
-//! identity and the broker keys it trusts. Unknown keys are an error.
+//! identity, and the broker keys it trusts unless it has a `[broker]` section (then, without
+//! `broker_keys`, it trusts the ticket keys the broker announces; see [`crate::keys`]).
+//! Unknown keys are an error.
 //!
 //! This module parses and checks; it does not read flags or the environment (the binary
 //! applies those as overrides on a parsed [`RelayConfig`] and then calls
@@ -68,6 +70,8 @@ pub struct RelayConfig {
     #[serde(default)]
     pub relay_id: String,
     /// The broker's Ed25519 public keys, 64 hex digits each; several during key rotation.
+    /// When set they are pinned: the only keys trusted, whatever the broker announces. May be
+    /// empty with a `[broker]` section: then the keys of the broker's welcome are trusted.
     #[serde(default)]
     pub broker_keys: Vec<String>,
     /// Where to listen.
@@ -287,6 +291,11 @@ pub struct Limits {
     /// Most used tickets remembered for replay protection; when full, new tickets are refused
     /// (`full`) rather than forgotten early.
     pub max_remembered_tickets: u32,
+    /// Most pipes for `splice(2)` open at once (a busy TCP session holds two, each up to
+    /// 256 KiB of kernel memory). A session direction that gets none copies through a 64 KiB
+    /// userspace buffer instead (counted in `steelyard_relay_tcp_pipe_fallbacks_total`), as it
+    /// does when the kernel refuses a pipe. 0 = never splice.
+    pub max_pipes: u32,
 }
 
 impl Default for Limits {
@@ -302,6 +311,7 @@ impl Default for Limits {
             udp_idle_timeout_secs: 60,
             max_clock_skew_secs: 30,
             max_remembered_tickets: 1_000_000,
+            max_pipes: 16_384,
         }
     }
 }
@@ -354,7 +364,8 @@ impl RelayConfig {
         Self::from_toml(&text)
     }
 
-    /// Checks the rules and returns the parsed broker keys.
+    /// Checks the rules and returns the parsed broker keys: empty when the relay takes them
+    /// from the broker (no `broker_keys`, a `[broker]` section).
     pub fn validate(&self) -> Result<Vec<VerifyingKey>, ConfigError> {
         let invalid = |field, reason: &str| ConfigError::Invalid {
             field,
@@ -366,11 +377,12 @@ impl RelayConfig {
                 "required: 1 to 64 bytes of A-Z a-z 0-9 . _ - (the id the broker puts in tickets)",
             ));
         }
-        if self.broker_keys.is_empty() {
+        if self.broker_keys.is_empty() && self.broker.is_none() {
             return Err(invalid(
                 "broker_keys",
-                "required: at least one broker Ed25519 public key (64 hex digits); without one \
-                 the relay would refuse every ticket",
+                "required without a [broker] section: at least one broker Ed25519 public key \
+                 (64 hex digits), or a [broker] section (--broker-url) so that the relay trusts \
+                 the keys the broker announces",
             ));
         }
         let keys = self
@@ -452,6 +464,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("broker_keys"));
+        // With a [broker] section the keys may come from the broker instead.
+        let c = RelayConfig::from_toml(
+            "relay_id = \"r\"\n[broker]\nurl = \"ws://127.0.0.1:1/v1/relay\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.validate().unwrap().len(), 0);
         let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"a b\"").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("relay_id"));
         let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"ab\"").unwrap();

@@ -23,9 +23,9 @@ pub struct Metrics {
     /// TCP connections currently open (any phase).
     pub tcp_open: AtomicU64,
     /// Status codes sent on TCP, by [`StatusCode::index`].
-    pub tcp_status: [AtomicU64; 13],
+    pub tcp_status: [AtomicU64; StatusCode::ALL.len()],
     /// UDP status datagrams sent, by code.
-    pub udp_status: [AtomicU64; 13],
+    pub udp_status: [AtomicU64; StatusCode::ALL.len()],
     /// TCP sessions paired (total).
     pub tcp_sessions_total: AtomicU64,
     /// TCP sessions active now.
@@ -44,6 +44,15 @@ pub struct Metrics {
     pub bytes_b_to_a: AtomicU64,
     /// UDP datagrams forwarded.
     pub udp_forwarded: AtomicU64,
+    /// UDP GSO sends (each carried two or more forwarded datagrams to one destination).
+    pub udp_gso_sends: AtomicU64,
+    /// TCP session directions that could not get a pipe for `splice(2)` (`max_pipes`, pipe
+    /// memory limit, out of descriptors) and copied through userspace instead.
+    pub tcp_pipe_fallbacks: AtomicU64,
+    /// Splice pipes open now.
+    pub tcp_pipes_open: AtomicU64,
+    /// Pipes used at their default size because the kernel refused to enlarge them.
+    pub tcp_pipe_resize_failures: AtomicU64,
     /// UDP datagrams dropped, by [`DropReason::index`].
     pub udp_dropped: [AtomicU64; 6],
     /// UDP sessions now (including half-bound).
@@ -275,6 +284,30 @@ impl Metrics {
             "counter",
             "UDP datagrams forwarded.",
             self.udp_forwarded.load(Relaxed) as f64,
+        );
+        g(
+            "steelyard_relay_udp_gso_sends_total",
+            "counter",
+            "UDP GSO sends, each carrying two or more forwarded datagrams.",
+            self.udp_gso_sends.load(Relaxed) as f64,
+        );
+        g(
+            "steelyard_relay_tcp_pipe_fallbacks_total",
+            "counter",
+            "TCP session directions that got no splice pipe and copied through userspace.",
+            self.tcp_pipe_fallbacks.load(Relaxed) as f64,
+        );
+        g(
+            "steelyard_relay_tcp_pipes_open",
+            "gauge",
+            "Splice pipes open.",
+            self.tcp_pipes_open.load(Relaxed) as f64,
+        );
+        g(
+            "steelyard_relay_tcp_pipe_resize_failures_total",
+            "counter",
+            "Splice pipes left at their default size (F_SETPIPE_SZ refused).",
+            self.tcp_pipe_resize_failures.load(Relaxed) as f64,
         );
         g(
             "steelyard_relay_probe_echo_total",

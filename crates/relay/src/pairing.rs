@@ -15,12 +15,20 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 
-use steelyard_proto::ticket::{SessionId, Side, Ticket, TicketError, TicketVerifier, Transport};
+use steelyard_proto::ticket::{SessionId, Side, Ticket, TicketError, Transport};
 
+use crate::keys::{TrustedKeys, VerifyError};
 use crate::wire::StatusCode;
 
-/// Maps a ticket error to its wire status code.
-pub fn status_for(err: &TicketError) -> StatusCode {
+/// Maps a verification failure to its wire status code.
+pub fn status_for(err: &VerifyError) -> StatusCode {
+    match err {
+        VerifyError::NotReady => StatusCode::NotReady,
+        VerifyError::Ticket(e) => ticket_status(e),
+    }
+}
+
+fn ticket_status(err: &TicketError) -> StatusCode {
     match err {
         TicketError::Malformed { .. } | TicketError::Invalid { .. } => StatusCode::Malformed,
         TicketError::Forged { .. } => StatusCode::Forged,
@@ -160,7 +168,7 @@ struct Pending<W> {
 
 /// The TCP pairing state machine. See the [module docs](self).
 pub struct Pairing<W> {
-    verifier: TicketVerifier,
+    keys: TrustedKeys,
     cfg: PairingConfig,
     replay: ReplayGuard,
     pending: HashMap<SessionId, Pending<W>>,
@@ -171,11 +179,13 @@ pub struct Pairing<W> {
 }
 
 impl<W> Pairing<W> {
-    /// A pairing core trusting `verifier`'s keys.
-    pub fn new(verifier: TicketVerifier, cfg: PairingConfig) -> Self {
-        let replay = ReplayGuard::new(cfg.max_remembered_tickets, verifier.max_clock_skew_secs());
+    /// A pairing core trusting `keys` (a [`TicketVerifier`](steelyard_proto::ticket::TicketVerifier)
+    /// converts into pinned keys).
+    pub fn new(keys: impl Into<TrustedKeys>, cfg: PairingConfig) -> Self {
+        let keys = keys.into();
+        let replay = ReplayGuard::new(cfg.max_remembered_tickets, keys.max_clock_skew_secs());
         Self {
-            verifier,
+            keys,
             cfg,
             replay,
             pending: HashMap::new(),
@@ -199,7 +209,7 @@ impl<W> Pairing<W> {
             return refuse(StatusCode::Draining, "relay is draining".into());
         }
         let ticket = match self
-            .verifier
+            .keys
             .verify(ticket_bytes, &self.cfg.relay_id, now_ms / 1000)
         {
             Ok(t) => t,
@@ -350,7 +360,7 @@ impl<W> Pairing<W> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use steelyard_proto::ticket::{TicketLimits, TicketSigner};
+    use steelyard_proto::ticket::{TicketLimits, TicketSigner, TicketVerifier};
 
     pub(crate) const NOW: u64 = 1_700_000_000;
 

@@ -3,7 +3,7 @@
 //!
 //! An echo reply is never longer than its request (it is padded to exactly the request's
 //! length, so both directions carry the same size; requests shorter than
-//! [`ECHO_LEN`](crate::wire::ECHO_LEN) are dropped). A burst is sent only to a client that
+//! [`ECHO_LEN`] are dropped). A burst is sent only to a client that
 //! proved it receives at its source address: the first burst request gets a 24-byte cookie
 //! (shorter than the 28-byte request) keyed on the source address and a 30-second window; only
 //! a request carrying that cookie gets the burst, which is capped in packets and packet size

@@ -6,14 +6,19 @@
 //! this module moves bytes, keeps time and enforces connection-level limits (connections in
 //! total, handshaking connections per IP, hello deadline).
 //!
-//! UDP is batched: one `recvmmsg` takes up to 32 datagrams, the core decides for each, and one
-//! `sendmmsg` forwards the batch (drained in a loop per readiness event). Probe TTL is read with `IP_RECVTTL` on IPv4 only; IPv6 replies report
-//! TTL 0 (unknown).
+//! UDP runs on its own OS thread (not a tokio task): a blocking `recvmmsg` takes up to 32
+//! datagrams at once, the core decides for each, and the batch is forwarded with one UDP GSO
+//! send per run of datagrams to the same destination and one `sendmmsg` for the rest, so a
+//! burst costs one wakeup, no handoff between threads, and one trip through the IP stack per
+//! destination. The probe responder reads the TTL
+//! of IPv4 requests (`IP_RECVTTL`) and the hop limit of IPv6 ones (`IPV6_RECVHOPLIMIT`).
+//! Everything else (TCP, probes, HTTP, sampling) runs on the tokio runtime.
 
 use std::collections::HashMap;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,22 +27,25 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
+use nix::errno::Errno;
 use nix::sys::socket::{
-    recvmmsg, recvmsg, sendmmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, MultiHeaders,
-    SockaddrStorage,
+    recvmmsg, recvmsg, sendmmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned,
+    MsgFlags, MultiHeaders, SockaddrStorage,
 };
-use steelyard_proto::ticket::{Side, Ticket, TicketVerifier};
+use steelyard_proto::ticket::{Side, Ticket};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::config::RelayConfig;
+use crate::keys::TrustedKeys;
 use crate::limit::TokenBucket;
 use crate::metrics::Metrics;
 use crate::pairing::{HelloOutcome, Pairing, PairingConfig};
 use crate::probe::{ProbeAction, ProbeResponder};
 use crate::splice::{self, DirLimits, End, SharedBucket, SpliceSession};
+use crate::udp_batch;
 use crate::udp_core::{UdpAction, UdpCore, UdpCoreConfig};
 use crate::wire::{self, StatusCode, HELLO_HEADER_LEN};
 
@@ -96,6 +104,7 @@ struct Shared {
 pub struct RelayHandle {
     drain: Arc<watch::Sender<bool>>,
     metrics: Arc<Metrics>,
+    keys: TrustedKeys,
 }
 
 impl RelayHandle {
@@ -109,16 +118,21 @@ impl RelayHandle {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+
+    /// The ticket keys the relay trusts (the broker link announces into them).
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.keys
+    }
 }
 
 /// A bound, not yet running relay.
 pub struct Relay {
     shared: Arc<Shared>,
     tcp: TcpListener,
-    udp: Option<UdpSocket>,
+    udp: Option<std::net::UdpSocket>,
     probe: Option<UdpSocket>,
     http: Option<TcpListener>,
-    verifier: TicketVerifier,
+    keys: TrustedKeys,
     drain_tx: Arc<watch::Sender<bool>>,
     cut_tx: watch::Sender<bool>,
     addrs: BoundAddrs,
@@ -139,25 +153,27 @@ fn now_us() -> u64 {
 impl Relay {
     /// Validates `cfg` and binds every configured socket. Must be called inside a tokio runtime.
     pub async fn bind(cfg: RelayConfig) -> Result<Self, RelayError> {
-        let keys = cfg.validate()?;
-        let verifier =
-            TicketVerifier::new(keys).with_max_clock_skew(cfg.limits.max_clock_skew_secs);
+        let pinned = cfg.validate()?;
+        let skew = cfg.limits.max_clock_skew_secs;
+        // Without `broker_keys` (validate allows that only with `[broker]`), the keys come
+        // from the broker's welcome.
+        let keys = if pinned.is_empty() {
+            TrustedKeys::from_broker(skew)
+        } else {
+            TrustedKeys::pinned(pinned, skew)
+        };
         let bind_err = |what, addr| move |source| RelayError::Bind { what, addr, source };
         let tcp = TcpListener::bind(cfg.listen.tcp)
             .await
             .map_err(bind_err("tcp", cfg.listen.tcp))?;
         let udp = match cfg.listen.udp {
-            Some(a) => Some(UdpSocket::bind(a).await.map_err(bind_err("udp", a))?),
+            Some(a) => Some(std::net::UdpSocket::bind(a).map_err(bind_err("udp", a))?),
             None => None,
         };
         let probe = match cfg.listen.probe {
             Some(a) => {
                 let s = UdpSocket::bind(a).await.map_err(bind_err("probe", a))?;
-                if a.is_ipv4() {
-                    if let Err(e) = setsockopt(&s, sockopt::Ipv4RecvTtl, &true) {
-                        warn!("IP_RECVTTL unavailable, probe replies report TTL 0: {e}");
-                    }
-                }
+                enable_recv_ttl(&s, a);
                 Some(s)
             }
             None => None,
@@ -168,12 +184,15 @@ impl Relay {
         };
         let addrs = BoundAddrs {
             tcp: tcp.local_addr()?,
-            udp: udp.as_ref().map(UdpSocket::local_addr).transpose()?,
+            udp: udp
+                .as_ref()
+                .map(std::net::UdpSocket::local_addr)
+                .transpose()?,
             probe: probe.as_ref().map(UdpSocket::local_addr).transpose()?,
             http: http.as_ref().map(TcpListener::local_addr).transpose()?,
         };
         let pairing = Pairing::new(
-            verifier.clone(),
+            keys.clone(),
             PairingConfig {
                 relay_id: cfg.relay_id.clone(),
                 max_sessions: cfg.capacity.max_sessions as usize,
@@ -202,7 +221,7 @@ impl Relay {
             udp,
             probe,
             http,
-            verifier,
+            keys,
             drain_tx: Arc::new(drain_tx),
             cut_tx,
             addrs,
@@ -219,6 +238,7 @@ impl Relay {
         RelayHandle {
             drain: self.drain_tx.clone(),
             metrics: self.shared.metrics.clone(),
+            keys: self.keys.clone(),
         }
     }
 
@@ -230,7 +250,7 @@ impl Relay {
             udp,
             probe,
             http,
-            verifier,
+            keys,
             drain_tx,
             cut_tx,
             addrs,
@@ -239,9 +259,20 @@ impl Relay {
         let mut drain_rx = drain_tx.subscribe();
         let mut tasks = tokio::task::JoinSet::new();
         tasks.spawn(accept_loop(tcp, shared.clone(), drain_tx.subscribe()));
-        if let Some(sock) = udp {
-            tasks.spawn(udp_loop(sock, shared.clone(), verifier.clone()));
-        }
+        let udp_stop = Arc::new(AtomicBool::new(false));
+        // Stops the UDP thread however `run` ends, also when its future is dropped.
+        let _udp_stop_on_drop = StopOnDrop(udp_stop.clone());
+        let udp_thread = match udp {
+            Some(sock) => {
+                let (shared, stop) = (shared.clone(), udp_stop.clone());
+                Some(
+                    std::thread::Builder::new()
+                        .name("relay-udp".into())
+                        .spawn(move || udp_thread(sock, shared, keys, stop))?,
+                )
+            }
+            None => None,
+        };
         if let Some(sock) = probe {
             tasks.spawn(probe_loop(sock, shared.clone()));
         }
@@ -281,8 +312,22 @@ impl Relay {
         if let Some(h) = http_task {
             h.abort();
         }
+        udp_stop.store(true, Relaxed);
+        if let Some(t) = udp_thread {
+            // It sees the flag within one UDP_TICK.
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         info!("drained");
         Ok(())
+    }
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Relaxed);
     }
 }
 
@@ -553,6 +598,12 @@ async fn run_session(mut mine: TcpStream, my_ticket: Ticket, partner: Partner, s
             b_limits: lim(b_t),
             idle: Duration::from_secs(u64::from(idle_secs)),
             global: shared.global_bw.as_ref(),
+            pipes: splice::PipeBudget {
+                max_open: u64::from(shared.cfg.limits.max_pipes),
+                open: &m.tcp_pipes_open,
+                fallbacks: &m.tcp_pipe_fallbacks,
+                resize_failures: &m.tcp_pipe_resize_failures,
+            },
             a_to_b: &m.bytes_a_to_b,
             b_to_a: &m.bytes_b_to_a,
         },
@@ -574,10 +625,23 @@ async fn run_session(mut mine: TcpStream, my_ticket: Ticket, partner: Partner, s
     m.tcp_active.fetch_sub(1, Relaxed);
 }
 
-async fn udp_loop(sock: UdpSocket, shared: Arc<Shared>, verifier: TicketVerifier) {
+/// Runs the UDP data plane on the calling (dedicated) thread until `stop` is set.
+///
+/// One blocking `recvmmsg` (`MSG_WAITFORONE`) takes every datagram queued, up to
+/// [`UDP_BATCH`], as soon as the first arrives; the core decides for each; one blocking
+/// `sendmmsg` forwards the batch. So a burst costs one wakeup of this thread and no handoff
+/// between threads, and the headers and buffers are allocated once. `SO_RCVTIMEO` of
+/// [`UDP_TICK`] wakes the loop when idle to expire sessions, notice a drain and `stop`;
+/// `SO_SNDTIMEO` bounds how long a full send buffer can hold the loop.
+fn udp_thread(
+    sock: std::net::UdpSocket,
+    shared: Arc<Shared>,
+    keys: TrustedKeys,
+    stop: Arc<AtomicBool>,
+) {
     let cfg = &shared.cfg;
     let mut core = UdpCore::new(
-        verifier,
+        keys,
         UdpCoreConfig {
             relay_id: cfg.relay_id.clone(),
             max_sessions: cfg.capacity.max_sessions as usize,
@@ -585,87 +649,92 @@ async fn udp_loop(sock: UdpSocket, shared: Arc<Shared>, verifier: TicketVerifier
             max_remembered_tickets: cfg.limits.max_remembered_tickets as usize,
         },
     );
+    if let Err(e) = sock
+        .set_nonblocking(false)
+        .and_then(|()| sock.set_read_timeout(Some(UDP_TICK)))
+        .and_then(|()| sock.set_write_timeout(Some(Duration::from_secs(1))))
+    {
+        warn!("UDP sessions disabled: cannot make the UDP socket blocking with timeouts: {e}");
+        return;
+    }
+    let fd = sock.as_raw_fd();
     let m = shared.metrics.clone();
     let mut bufs = vec![0u8; UDP_BATCH * UDP_SLOT];
+    let mut rx_hdrs = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
+    let mut tx = UdpSender::new(fd);
     let mut got: Vec<(usize, Option<SocketAddr>)> = Vec::with_capacity(UDP_BATCH);
-    let mut out: Vec<(usize, usize, SockaddrStorage)> = Vec::with_capacity(UDP_BATCH);
+    // Forwards of this batch: slot index, and (destination, length).
+    let mut out_slots: Vec<usize> = Vec::with_capacity(UDP_BATCH);
+    let mut out: Vec<(SocketAddr, usize)> = Vec::with_capacity(UDP_BATCH);
     let mut last_sweep = now_ms();
     let mut draining = false;
-    loop {
-        tokio::select! {
-            r = sock.readable() => { if r.is_err() { tokio::time::sleep(Duration::from_millis(10)).await; } }
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
-        }
-        let mut now = now_ms();
-        // Drain the socket in batches of up to UDP_BATCH datagrams (one recvmmsg, one sendmmsg
-        // per batch); re-read the clock every batch after the first 256 datagrams.
-        let mut seen = 0usize;
-        loop {
-            if seen >= 256 {
-                now = now_ms();
-                seen = 0;
-            }
-            got.clear();
-            let r = sock.try_io(Interest::READABLE, || {
-                let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
-                    .chunks_exact_mut(UDP_SLOT)
-                    .map(|c| [IoSliceMut::new(c)])
-                    .collect();
-                // Headers are made per call: nix's `MultiHeaders` is not `Send`.
-                let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(UDP_BATCH, None);
-                let res = recvmmsg(
-                    sock.as_raw_fd(),
-                    &mut hdrs,
-                    iovs.iter_mut(),
-                    MsgFlags::MSG_DONTWAIT,
-                    None,
-                )
-                .map_err(std::io::Error::from)?;
+    while !stop.load(Relaxed) {
+        got.clear();
+        let r = {
+            let mut iovs: Vec<[IoSliceMut<'_>; 1]> = bufs
+                .chunks_exact_mut(UDP_SLOT)
+                .map(|c| [IoSliceMut::new(c)])
+                .collect();
+            recvmmsg(
+                fd,
+                &mut rx_hdrs,
+                iovs.iter_mut(),
+                MsgFlags::MSG_WAITFORONE,
+                None,
+            )
+            .map(|res| {
                 for msg in res {
                     got.push((msg.bytes, msg.address.as_ref().and_then(to_socket_addr)));
                 }
-                Ok(())
-            });
-            if r.is_err() || got.is_empty() {
-                break;
+            })
+        };
+        let now = now_ms();
+        match r {
+            Ok(()) => {}
+            Err(Errno::EAGAIN | Errno::EINTR) => {}
+            Err(e) => {
+                warn!("UDP receive failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
             }
-            seen += got.len();
-            out.clear();
-            for (i, &(n, src)) in got.iter().enumerate() {
-                let Some(src) = src else { continue };
-                let dgram = &bufs[i * UDP_SLOT..i * UDP_SLOT + n.min(UDP_SLOT)];
-                match core.on_datagram(src, dgram, now) {
-                    UdpAction::Forward { to, from_side } => {
-                        out.push((i, dgram.len(), SockaddrStorage::from(to)));
-                        let c = if from_side == Side::A {
-                            &m.bytes_a_to_b
-                        } else {
-                            &m.bytes_b_to_a
-                        };
-                        c.fetch_add(dgram.len() as u64, Relaxed);
-                    }
-                    UdpAction::Status {
-                        session_id,
-                        replies,
-                    } => {
-                        for (to, code) in replies {
-                            m.udp_status[code.index()].fetch_add(1, Relaxed);
-                            let _ =
-                                sock.try_send_to(&wire::encode_udp_status(session_id, code), to);
-                        }
-                        m.udp_sessions.store(core.sessions() as u64, Relaxed);
-                        m.udp_active.store(core.active() as u64, Relaxed);
-                    }
-                    UdpAction::Drop(r) => {
-                        m.udp_dropped[r.index()].fetch_add(1, Relaxed);
+        }
+        out.clear();
+        out_slots.clear();
+        let (mut a_to_b, mut b_to_a) = (0u64, 0u64);
+        for (i, &(n, src)) in got.iter().enumerate() {
+            let Some(src) = src else { continue };
+            let dgram = &bufs[i * UDP_SLOT..i * UDP_SLOT + n.min(UDP_SLOT)];
+            match core.on_datagram(src, dgram, now) {
+                UdpAction::Forward { to, from_side } => {
+                    out_slots.push(i);
+                    out.push((to, dgram.len()));
+                    match from_side {
+                        Side::A => a_to_b += dgram.len() as u64,
+                        Side::B => b_to_a += dgram.len() as u64,
                     }
                 }
+                UdpAction::Status {
+                    session_id,
+                    replies,
+                } => {
+                    // Counted before the replies go out: a client that reads /status right
+                    // after its `paired` sees its session.
+                    m.udp_sessions.store(core.sessions() as u64, Relaxed);
+                    m.udp_active.store(core.active() as u64, Relaxed);
+                    for (to, code) in replies {
+                        m.udp_status[code.index()].fetch_add(1, Relaxed);
+                        let _ = sock.send_to(&wire::encode_udp_status(session_id, code), to);
+                    }
+                }
+                UdpAction::Drop(r) => {
+                    m.udp_dropped[r.index()].fetch_add(1, Relaxed);
+                }
             }
-            let sent = send_batch(&sock, &bufs, &out).await;
+        }
+        if !out.is_empty() {
+            m.bytes_a_to_b.fetch_add(a_to_b, Relaxed);
+            m.bytes_b_to_a.fetch_add(b_to_a, Relaxed);
+            let sent = tx.send(&bufs, &out_slots, &out, &m);
             m.udp_forwarded.fetch_add(sent as u64, Relaxed);
-            if got.len() < UDP_BATCH {
-                break;
-            }
         }
         if !draining && m.draining.load(Relaxed) {
             draining = true;
@@ -684,6 +753,8 @@ async fn udp_loop(sock: UdpSocket, shared: Arc<Shared>, verifier: TicketVerifier
 const UDP_BATCH: usize = 32;
 /// Bytes per datagram slot (the largest UDP payload).
 const UDP_SLOT: usize = 65536;
+/// Longest time the UDP thread blocks without a datagram (housekeeping, drain, stop).
+const UDP_TICK: Duration = Duration::from_millis(250);
 
 fn to_socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
     a.as_sockaddr_in()
@@ -694,54 +765,155 @@ fn to_socket_addr(a: &SockaddrStorage) -> Option<SocketAddr> {
         })
 }
 
-/// Sends `out` (slot index, length, destination) with `sendmmsg`, waiting for the socket to be
-/// writable when its buffer is full; a datagram the kernel refuses for another reason is
-/// skipped. Returns how many were sent.
-async fn send_batch(
-    sock: &UdpSocket,
-    bufs: &[u8],
-    out: &[(usize, usize, SockaddrStorage)],
-) -> usize {
-    let mut done = 0;
-    let mut sent = 0;
-    while done < out.len() {
-        let rest = &out[done..];
-        let r = sock.try_io(Interest::WRITABLE, || {
-            let iovs: Vec<[IoSlice<'_>; 1]> = rest
-                .iter()
-                .map(|&(i, n, _)| [IoSlice::new(&bufs[i * UDP_SLOT..i * UDP_SLOT + n])])
-                .collect();
-            let addrs: Vec<Option<SockaddrStorage>> = rest.iter().map(|o| Some(o.2)).collect();
-            let mut hdrs = MultiHeaders::<SockaddrStorage>::preallocate(rest.len(), None);
-            let res = sendmmsg(
-                sock.as_raw_fd(),
-                &mut hdrs,
-                iovs.iter(),
-                &addrs,
-                [],
-                MsgFlags::MSG_DONTWAIT,
-            )
-            .map_err(std::io::Error::from)?;
-            Ok(res.count())
-        });
-        match r {
-            Ok(k) => {
-                done += k.max(1);
-                sent += k;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if sock.writable().await.is_err() {
-                    return sent;
-                }
-            }
-            Err(_) => done += 1,
+fn slot(bufs: &[u8], i: usize, len: usize) -> &[u8] {
+    &bufs[i * UDP_SLOT..i * UDP_SLOT + len]
+}
+
+/// Sends a batch of forwards: runs of datagrams to the same destination as one UDP GSO send
+/// ([`udp_batch::plan`]), the rest with one `sendmmsg`. A GSO send the kernel refuses is sent
+/// again without GSO; when the kernel cannot do UDP GSO at all, it is not tried again.
+struct UdpSender {
+    fd: std::os::fd::RawFd,
+    hdrs: MultiHeaders<SockaddrStorage>,
+    gso: bool,
+    /// Segment size from which GSO sends were refused (larger than the path's MTU allows):
+    /// runs of datagrams this long or longer go one by one.
+    gso_refused_at: usize,
+    groups: Vec<udp_batch::Group>,
+    singles: Vec<usize>,
+    addrs: Vec<Option<SockaddrStorage>>,
+}
+
+impl UdpSender {
+    fn new(fd: std::os::fd::RawFd) -> Self {
+        Self {
+            fd,
+            hdrs: MultiHeaders::preallocate(UDP_BATCH, None),
+            gso: true,
+            gso_refused_at: usize::MAX,
+            groups: Vec::new(),
+            singles: Vec::with_capacity(UDP_BATCH),
+            addrs: Vec::with_capacity(UDP_BATCH),
         }
     }
-    sent
+
+    /// Sends datagram `k` (`bufs` slot `slots[k]`, `batch[k]` = destination and length) for
+    /// every `k`. Returns how many were sent.
+    fn send(
+        &mut self,
+        bufs: &[u8],
+        slots: &[usize],
+        batch: &[(SocketAddr, usize)],
+        m: &Metrics,
+    ) -> usize {
+        self.singles.clear();
+        if !self.gso {
+            self.singles.extend(0..batch.len());
+            return self.flush_singles(bufs, slots, batch);
+        }
+        udp_batch::plan(batch, &mut self.groups);
+        let mut sent = 0;
+        let groups = std::mem::take(&mut self.groups);
+        for g in &groups {
+            if g.items.len() == 1 || !self.gso || g.segment >= self.gso_refused_at {
+                self.singles.extend_from_slice(&g.items);
+                continue;
+            }
+            // Keep the order per destination: what is queued goes first.
+            sent += self.flush_singles(bufs, slots, batch);
+            let iovs: Vec<IoSlice<'_>> = g
+                .items
+                .iter()
+                .map(|&k| IoSlice::new(slot(bufs, slots[k], batch[k].1)))
+                .collect();
+            let segment = u16::try_from(g.segment).unwrap_or(u16::MAX);
+            let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
+            let to = SockaddrStorage::from(g.to);
+            match sendmsg(self.fd, &iovs, &cmsg, MsgFlags::empty(), Some(&to)) {
+                Ok(_) => {
+                    sent += g.items.len();
+                    m.udp_gso_sends.fetch_add(1, Relaxed);
+                }
+                // The send buffer stayed full for the send timeout: drop, as for one datagram.
+                Err(Errno::EAGAIN) => {}
+                Err(e) => {
+                    if matches!(e, Errno::EIO | Errno::ENOPROTOOPT | Errno::EOPNOTSUPP) {
+                        warn!("UDP GSO unavailable ({e}): forwarding one datagram per message");
+                        self.gso = false;
+                    } else if matches!(e, Errno::EINVAL | Errno::EMSGSIZE) {
+                        // Segments too long for the route's MTU: do not try this size again.
+                        self.gso_refused_at = self.gso_refused_at.min(g.segment);
+                    }
+                    self.singles.extend_from_slice(&g.items);
+                }
+            }
+        }
+        self.groups = groups;
+        sent + self.flush_singles(bufs, slots, batch)
+    }
+
+    /// Sends the queued single datagrams with blocking `sendmmsg` calls (the socket's send
+    /// timeout bounds a full buffer); a datagram the kernel refuses is skipped.
+    fn flush_singles(
+        &mut self,
+        bufs: &[u8],
+        slots: &[usize],
+        batch: &[(SocketAddr, usize)],
+    ) -> usize {
+        let mut done = 0;
+        let mut sent = 0;
+        self.addrs.clear();
+        self.addrs.extend(
+            self.singles
+                .iter()
+                .map(|&k| Some(SockaddrStorage::from(batch[k].0))),
+        );
+        while done < self.singles.len() {
+            let iovs: Vec<[IoSlice<'_>; 1]> = self.singles[done..]
+                .iter()
+                .map(|&k| [IoSlice::new(slot(bufs, slots[k], batch[k].1))])
+                .collect();
+            match sendmmsg(
+                self.fd,
+                &mut self.hdrs,
+                iovs.iter(),
+                &self.addrs[done..],
+                [],
+                MsgFlags::empty(),
+            ) {
+                Ok(res) => {
+                    let k = res.count();
+                    done += k.max(1);
+                    sent += k;
+                }
+                Err(Errno::EINTR) => {}
+                // Full for longer than the send timeout, or refused: skip this datagram.
+                Err(_) => done += 1,
+            }
+        }
+        self.singles.clear();
+        sent
+    }
+}
+
+/// Asks the kernel to report each request's TTL (IPv4) or hop limit (IPv6) with it. An IPv6
+/// socket also asks for the TTL of IPv4-mapped requests (dual stack); failures only mean
+/// replies report 0 (unknown).
+fn enable_recv_ttl(s: &UdpSocket, addr: SocketAddr) {
+    if addr.is_ipv6() {
+        if let Err(e) = setsockopt(s, sockopt::Ipv6RecvHopLimit, &true) {
+            warn!("IPV6_RECVHOPLIMIT unavailable, IPv6 probe replies report hop limit 0: {e}");
+        }
+    }
+    if let Err(e) = setsockopt(s, sockopt::Ipv4RecvTtl, &true) {
+        if addr.is_ipv4() {
+            warn!("IP_RECVTTL unavailable, probe replies report TTL 0: {e}");
+        }
+    }
 }
 
 fn recv_with_ttl(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, u8)> {
-    let mut cmsg = nix::cmsg_space!(libc_int);
+    let mut cmsg = nix::cmsg_space!(libc_int, libc_int);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<SockaddrStorage>(
         sock.as_raw_fd(),
@@ -752,8 +924,11 @@ fn recv_with_ttl(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, So
     let mut ttl = 0u8;
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
-            if let ControlMessageOwned::Ipv4Ttl(t) = c {
-                ttl = u8::try_from(t).unwrap_or(255);
+            match c {
+                ControlMessageOwned::Ipv4Ttl(t) | ControlMessageOwned::Ipv6HopLimit(t) => {
+                    ttl = u8::try_from(t).unwrap_or(255);
+                }
+                _ => {}
             }
         }
     }

@@ -1,6 +1,12 @@
 //! Zero-copy forwarding between two paired TCP connections with `splice(2)` through a pipe per
 //! direction (Linux). Bytes never enter user space.
 //!
+//! A direction gets its pipe when its first bytes arrive. When it cannot have one (the relay's
+//! `max_pipes` are in use, or `pipe2` fails: per-user pipe memory, out of descriptors) it copies
+//! through a 64 KiB userspace buffer instead, and counts a fallback; the session works either
+//! way. A pipe that cannot be enlarged (`F_SETPIPE_SZ` refused) is used at its default size and
+//! counted too.
+//!
 //! Each direction moves socket → pipe → socket until the source sends FIN, then shuts down the
 //! write half of the destination (so half-close passes through) and stops; the session ends
 //! when both directions have, or at the first error (either side reset), the idle timeout, the
@@ -55,16 +61,73 @@ pub enum End {
 /// A relay-wide bandwidth limit shared by all sessions.
 pub type SharedBucket = Arc<Mutex<TokenBucket>>;
 
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
+/// Bytes of the userspace buffer of a direction that has no pipe.
+const COPY_BUF: usize = 64 * 1024;
+
+/// How many pipes the relay may hold, and the counters of pipe use. Shared by all sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct PipeBudget<'a> {
+    /// Most pipes open at once (two per busy session); 0 = always copy through userspace.
+    pub max_open: u64,
+    /// Pipes open now.
+    pub open: &'a AtomicU64,
+    /// Directions that got no pipe and copy through userspace.
+    pub fallbacks: &'a AtomicU64,
+    /// Pipes left at their default size because `F_SETPIPE_SZ` was refused.
+    pub resize_failures: &'a AtomicU64,
 }
 
-fn pipe() -> io::Result<Pipe> {
-    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
-    // A bigger pipe means fewer syscalls; fall back silently to the default (64 KiB).
-    let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(CHUNK as i32));
-    Ok(Pipe { r, w })
+/// A pipe, counted in its budget's `open` gauge until dropped.
+struct Pipe<'a> {
+    r: OwnedFd,
+    w: OwnedFd,
+    open: &'a AtomicU64,
+}
+
+impl Drop for Pipe<'_> {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Relaxed);
+    }
+}
+
+/// How a direction moves bytes.
+enum Mover<'a> {
+    Pipe(Pipe<'a>),
+    Copy(Box<[u8]>),
+}
+
+impl<'a> PipeBudget<'a> {
+    /// A pipe if the budget and the kernel allow, else a copy buffer (counted).
+    fn mover(&self) -> Mover<'a> {
+        if self.open.fetch_add(1, Relaxed) >= self.max_open {
+            self.open.fetch_sub(1, Relaxed);
+            return self.fallback("the relay's max_pipes are in use".into());
+        }
+        match nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
+            Ok((r, w)) => {
+                // A bigger pipe means fewer syscalls; the default (64 KiB, or less over the
+                // per-user soft limit) still works.
+                if fcntl(&w, FcntlArg::F_SETPIPE_SZ(CHUNK as i32)).is_err() {
+                    self.resize_failures.fetch_add(1, Relaxed);
+                }
+                Mover::Pipe(Pipe {
+                    r,
+                    w,
+                    open: self.open,
+                })
+            }
+            Err(e) => {
+                self.open.fetch_sub(1, Relaxed);
+                self.fallback(format!("pipe2 failed: {e}"))
+            }
+        }
+    }
+
+    fn fallback(&self, why: String) -> Mover<'a> {
+        self.fallbacks.fetch_add(1, Relaxed);
+        tracing::debug!("no splice pipe ({why}): copying through userspace");
+        Mover::Copy(vec![0u8; COPY_BUF].into_boxed_slice())
+    }
 }
 
 fn origin() -> Instant {
@@ -79,6 +142,7 @@ fn now_us() -> u64 {
 struct Dir<'a> {
     src: &'a TcpStream,
     dst: &'a TcpStream,
+    pipes: PipeBudget<'a>,
     limits: DirLimits,
     global: Option<&'a SharedBucket>,
     activity: &'a AtomicU64,
@@ -91,9 +155,9 @@ enum DirEnd {
 }
 
 async fn one_way(d: Dir<'_>) -> io::Result<DirEnd> {
-    // The pipe is made when the first bytes arrive: an idle session holds no pipe (two file
-    // descriptors and its kernel buffers fewer per direction).
-    let mut pipe_slot: Option<Pipe> = None;
+    // The pipe (or copy buffer) is made when the first bytes arrive: an idle session holds
+    // none (two file descriptors and its kernel buffers fewer per direction).
+    let mut mover: Option<Mover<'_>> = None;
     let mut own =
         (d.limits.bytes_per_sec > 0).then(|| TokenBucket::new(d.limits.bytes_per_sec, now_us()));
     let mut moved: u64 = 0;
@@ -134,33 +198,39 @@ async fn one_way(d: Dir<'_>) -> io::Result<DirEnd> {
                 tokio::time::sleep(Duration::from_micros(wait)).await;
             }
         }
-        // socket -> pipe. The pipe is empty here, so EAGAIN can only mean "socket empty".
+        // socket -> pipe (or buffer). The pipe is empty here, so EAGAIN can only mean "socket
+        // empty".
         let n = loop {
             d.src.readable().await?;
-            let pipe = match pipe_slot.as_ref() {
-                Some(p) => p,
-                None => {
-                    // Readiness can be left over from reading the hello: peek first, so that
-                    // the pipe is made only when bytes (or the FIN) are really there.
-                    let mut b = [0u8; 1];
-                    match d.src.try_io(Interest::READABLE, || {
-                        nix::sys::socket::recv(
-                            d.src.as_raw_fd(),
-                            &mut b,
-                            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-                        )
-                        .map_err(io::Error::from)
-                    }) {
-                        Ok(_) => pipe_slot.insert(pipe()?),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            match d.src.try_io(Interest::READABLE, || {
-                splice(d.src.as_fd(), None, &pipe.w, None, want as usize, flags)
+            if mover.is_none() {
+                // Readiness can be left over from reading the hello: peek first, so that the
+                // pipe is made only when bytes (or the FIN) are really there.
+                let mut b = [0u8; 1];
+                match d.src.try_io(Interest::READABLE, || {
+                    nix::sys::socket::recv(
+                        d.src.as_raw_fd(),
+                        &mut b,
+                        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+                    )
                     .map_err(io::Error::from)
-            }) {
+                }) {
+                    Ok(_) => mover = Some(d.pipes.mover()),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            let r = match mover.as_mut() {
+                Some(Mover::Pipe(pipe)) => d.src.try_io(Interest::READABLE, || {
+                    splice(d.src.as_fd(), None, &pipe.w, None, want as usize, flags)
+                        .map_err(io::Error::from)
+                }),
+                Some(Mover::Copy(buf)) => {
+                    let len = buf.len().min(want as usize);
+                    d.src.try_read(&mut buf[..len])
+                }
+                None => return Err(io::Error::other("no pipe or buffer after the peek")),
+            };
+            match r {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
@@ -175,18 +245,21 @@ async fn one_way(d: Dir<'_>) -> io::Result<DirEnd> {
                 nix::sys::socket::shutdown(d.dst.as_raw_fd(), nix::sys::socket::Shutdown::Write);
             return Ok(DirEnd::Eof);
         }
-        // pipe -> socket until the pipe is empty again.
-        let Some(pipe) = pipe_slot.as_ref() else {
-            return Err(io::Error::other("no pipe after a splice"));
-        };
-        let mut left = n;
-        while left > 0 {
+        // pipe (or buffer) -> socket until it is empty again.
+        let mut done = 0;
+        while done < n {
             d.dst.writable().await?;
-            match d.dst.try_io(Interest::WRITABLE, || {
-                splice(&pipe.r, None, d.dst.as_fd(), None, left, flags).map_err(io::Error::from)
-            }) {
-                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "splice wrote 0")),
-                Ok(m) => left -= m,
+            let r = match mover.as_ref() {
+                Some(Mover::Pipe(pipe)) => d.dst.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.r, None, d.dst.as_fd(), None, n - done, flags)
+                        .map_err(io::Error::from)
+                }),
+                Some(Mover::Copy(buf)) => d.dst.try_write(&buf[done..n]),
+                None => return Err(io::Error::other("no pipe or buffer after a read")),
+            };
+            match r {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "wrote 0 bytes")),
+                Ok(m) => done += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -211,6 +284,8 @@ pub struct SpliceSession<'a> {
     pub idle: Duration,
     /// Relay-wide bandwidth limit.
     pub global: Option<&'a SharedBucket>,
+    /// The relay's pipes.
+    pub pipes: PipeBudget<'a>,
     /// Counter of bytes A → B.
     pub a_to_b: &'a AtomicU64,
     /// Counter of bytes B → A.
@@ -223,6 +298,7 @@ pub async fn run(s: SpliceSession<'_>, cut: impl std::future::Future<Output = ()
     let ab = one_way(Dir {
         src: s.a,
         dst: s.b,
+        pipes: s.pipes,
         limits: s.a_limits,
         global: s.global,
         activity: &activity,
@@ -231,6 +307,7 @@ pub async fn run(s: SpliceSession<'_>, cut: impl std::future::Future<Output = ()
     let ba = one_way(Dir {
         src: s.b,
         dst: s.a,
+        pipes: s.pipes,
         limits: s.b_limits,
         global: s.global,
         activity: &activity,

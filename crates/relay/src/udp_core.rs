@@ -17,7 +17,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use steelyard_proto::ticket::{SessionId, Side, Ticket, TicketVerifier, Transport};
+use steelyard_proto::ticket::{SessionId, Side, Ticket, Transport};
+
+use crate::keys::TrustedKeys;
 
 use crate::limit::TokenBucket;
 use crate::pairing::{status_for, ReplayGuard};
@@ -125,7 +127,7 @@ fn idx(side: Side) -> usize {
 
 /// The UDP session table. See the [module docs](self).
 pub struct UdpCore {
-    verifier: TicketVerifier,
+    keys: TrustedKeys,
     cfg: UdpCoreConfig,
     replay: ReplayGuard,
     sessions: HashMap<SessionId, UdpSession>,
@@ -133,11 +135,13 @@ pub struct UdpCore {
 }
 
 impl UdpCore {
-    /// A UDP core trusting `verifier`'s keys.
-    pub fn new(verifier: TicketVerifier, cfg: UdpCoreConfig) -> Self {
-        let replay = ReplayGuard::new(cfg.max_remembered_tickets, verifier.max_clock_skew_secs());
+    /// A UDP core trusting `keys` (a [`TicketVerifier`](steelyard_proto::ticket::TicketVerifier)
+    /// converts into pinned keys).
+    pub fn new(keys: impl Into<TrustedKeys>, cfg: UdpCoreConfig) -> Self {
+        let keys = keys.into();
+        let replay = ReplayGuard::new(cfg.max_remembered_tickets, keys.max_clock_skew_secs());
         Self {
-            verifier,
+            keys,
             cfg,
             replay,
             sessions: HashMap::new(),
@@ -193,10 +197,7 @@ impl UdpCore {
             session_id: sid,
             replies: vec![(src, code)],
         };
-        let ticket = match self
-            .verifier
-            .verify(body, &self.cfg.relay_id, now_ms / 1000)
-        {
+        let ticket = match self.keys.verify(body, &self.cfg.relay_id, now_ms / 1000) {
             Ok(t) => t,
             Err(e) => return reply(status_for(&e)),
         };
@@ -300,6 +301,7 @@ mod tests {
     use super::*;
     use crate::pairing::tests::{bytes, signer, ticket, NOW};
     use crate::wire::encode_udp;
+    use steelyard_proto::ticket::TicketVerifier;
 
     const MS: u64 = NOW * 1000;
 

@@ -141,11 +141,14 @@ pub enum StatusCode {
     WrongTransport = 25,
     /// Too many connections or waiting sides from this source address.
     TooManyFromAddress = 26,
+    /// The relay takes its ticket keys from the broker and has not received them yet: retry
+    /// in a moment.
+    NotReady = 27,
 }
 
 impl StatusCode {
     /// Every code, in wire order.
-    pub const ALL: [StatusCode; 13] = [
+    pub const ALL: [StatusCode; 14] = [
         StatusCode::Waiting,
         StatusCode::Paired,
         StatusCode::Malformed,
@@ -159,6 +162,7 @@ impl StatusCode {
         StatusCode::Draining,
         StatusCode::WrongTransport,
         StatusCode::TooManyFromAddress,
+        StatusCode::NotReady,
     ];
 
     /// The byte on the wire.
@@ -187,6 +191,7 @@ impl StatusCode {
             StatusCode::Draining => "draining",
             StatusCode::WrongTransport => "wrong_transport",
             StatusCode::TooManyFromAddress => "too_many_from_address",
+            StatusCode::NotReady => "not_ready",
         }
     }
 

@@ -119,7 +119,11 @@ async fn moves_data_both_ways_at_once_with_equal_checksums() {
 }
 
 async fn half_close(first_closer_is_a: bool) {
-    let (addrs, _h, _t) = start(config()).await;
+    half_close_with(first_closer_is_a, config()).await;
+}
+
+async fn half_close_with(first_closer_is_a: bool, cfg: steelyard_relay::RelayConfig) {
+    let (addrs, _h, _t) = start(cfg).await;
     let (a, b) = paired(addrs.tcp, NO_LIMITS).await;
     let (mut closer, mut other) = if first_closer_is_a { (a, b) } else { (b, a) };
     closer.write_all(b"request").await.unwrap();
@@ -145,6 +149,47 @@ async fn half_close_a_to_b() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_close_b_to_a() {
     half_close(false).await;
+}
+
+/// A direction that gets no pipe (here: `max_pipes` = 1, so the second direction to send gets
+/// none, the same path as a refused `pipe2`) copies through userspace: both directions arrive
+/// intact, the fallback is counted, and the pipe is released when the session ends. Half-close
+/// passes through a session with no pipe at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_pipe_a_direction_copies_through_userspace_and_counts_it() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = config();
+    cfg.limits.max_pipes = 1;
+    let (addrs, handle, _t) = start(cfg).await;
+    let (a, b) = paired(addrs.tcp, NO_LIMITS).await;
+    let m = handle.metrics();
+    let total = 16 << 20;
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    let (ha, hb, (na, ra), (nb, rb)) = tokio::join!(
+        tokio::spawn(send_pattern(aw, total, 3)),
+        tokio::spawn(send_pattern(bw, total, 4)),
+        async { tokio::spawn(recv_all(br)).await.unwrap() },
+        async { tokio::spawn(recv_all(ar)).await.unwrap() },
+    );
+    assert_eq!((na, nb), (total, total));
+    assert_eq!(ra, ha.unwrap(), "A -> B checksum");
+    assert_eq!(rb, hb.unwrap(), "B -> A checksum");
+    assert_eq!(m.tcp_pipe_fallbacks.load(Relaxed), 1);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.tcp_active.load(Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(m.tcp_pipes_open.load(Relaxed), 0, "pipe not released");
+    assert!(handle
+        .metrics()
+        .render_prometheus(&config())
+        .contains("steelyard_relay_tcp_pipe_fallbacks_total 1"));
+
+    let mut cfg = config();
+    cfg.limits.max_pipes = 0;
+    half_close_with(true, cfg.clone()).await;
+    half_close_with(false, cfg).await;
 }
 
 /// Sends a raw frame and returns the status the relay answers, checking the relay closes the

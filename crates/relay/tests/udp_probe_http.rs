@@ -126,6 +126,70 @@ async fn udp_exchanges_100k_datagrams_and_never_forwards_a_third_address() {
     assert_eq!(m.udp_active.load(Relaxed), 1);
 }
 
+/// Bursts of datagrams of mixed sizes arrive byte for byte and in order, whether the relay
+/// sends them as GSO groups (runs of equal size, a shorter one closing a run) or one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_bursts_of_mixed_sizes_arrive_intact_and_in_order() {
+    let (addrs, handle, _t) = start(config()).await;
+    let relay = addrs.udp.unwrap();
+    let (sid, ta, tb) = pair(Transport::Udp, TicketLimits::default());
+    let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let a_tokio = UdpSocket::from_std({
+        a.set_nonblocking(true).unwrap();
+        a.try_clone().unwrap()
+    })
+    .unwrap();
+    udp_bind(&a_tokio, relay, sid, &ta, WAIT).await.unwrap();
+    udp_bind(&b, relay, sid, &tb, WAIT).await.unwrap();
+    a.set_nonblocking(false).unwrap();
+    // B reads while A sends, so its receive buffer never fills.
+    let total = 8 * 24;
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < total {
+            match tokio::time::timeout(Duration::from_secs(2), b.recv_from(&mut buf)).await {
+                Ok(Ok((n, _))) => {
+                    if wire::decode_udp(&buf[..n]).unwrap().kind == UdpKind::Data {
+                        got.push(buf[..n].to_vec());
+                    }
+                }
+                _ => break,
+            }
+        }
+        got
+    });
+    // 8 bursts of 24 datagrams, sent back to back from a blocking socket so the relay reads
+    // several per call: sizes in runs (equal, then a shorter one), up to 1400 bytes.
+    let sizes = [200usize, 200, 200, 120, 200, 1400, 1400, 1400, 30, 1, 200];
+    let mut sent = Vec::new();
+    for burst in 0..8u32 {
+        for k in 0..24u32 {
+            let len = sizes[(k as usize + burst as usize) % sizes.len()];
+            let mut body = vec![(k as u8) ^ 0x5a; len];
+            let n = burst * 24 + k;
+            body[..4.min(len)].copy_from_slice(&n.to_be_bytes()[..4.min(len)]);
+            let d = wire::encode_udp(UdpKind::Data, sid, &body);
+            a.send_to(&d, relay).unwrap();
+            sent.push(d);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = reader.await.unwrap();
+    assert_eq!(got.len(), sent.len(), "datagrams lost on loopback");
+    for (i, (g, s)) in got.iter().zip(&sent).enumerate() {
+        assert!(
+            g == s,
+            "datagram {i}: got {} bytes, sent {}",
+            g.len(),
+            s.len()
+        );
+    }
+    // Some runs went out as GSO sends (loopback supports UDP GSO).
+    assert!(handle.metrics().udp_gso_sends.load(Relaxed) > 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn udp_sessions_expire_when_idle() {
     let mut cfg = config();
@@ -153,6 +217,37 @@ async fn udp_sessions_expire_when_idle() {
                 .kind
                 != UdpKind::Data
     );
+}
+
+/// On IPv6 the responder reports the hop limit it observed (`IPV6_RECVHOPLIMIT`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_echo_reports_the_ipv6_hop_limit() {
+    let mut cfg = config();
+    cfg.listen.probe = Some("[::1]:0".parse().unwrap());
+    let (addrs, _h, _t) = start(cfg).await;
+    let relay = addrs.probe.unwrap();
+    let s = UdpSocket::bind("[::1]:0").await.unwrap();
+    for hops in [64u32, 7] {
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6Ttl, &(hops as i32))
+            .unwrap();
+        let req = wire::encode_probe(&Probe::EchoRequest {
+            seq: hops,
+            client_ts: 1,
+            len: wire::ECHO_LEN,
+        });
+        s.send_to(&req, relay).await.unwrap();
+        let mut buf = [0u8; 256];
+        let (n, _) = tokio::time::timeout(WAIT, s.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        match wire::decode_probe(&buf[..n]).unwrap() {
+            Probe::EchoReply { seq, ttl, .. } => {
+                assert_eq!((seq, u32::from(ttl)), (hops, hops), "hop limit seen on ::1");
+            }
+            p => panic!("{p:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,4 +370,24 @@ async fn status_and_metrics_report_load_and_draining() {
         .await
         .unwrap()
         .unwrap();
+}
+
+/// The UDP thread ends with the relay, also when the relay's future is dropped (its task
+/// aborted): the UDP port is free again soon after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_relay_frees_its_udp_port() {
+    let relay = steelyard_relay::Relay::bind(config()).await.unwrap();
+    let udp = relay.addrs().udp.unwrap();
+    let task = tokio::spawn(relay.run());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    task.abort();
+    let _ = task.await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::net::UdpSocket::bind(udp) {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "UDP port still held: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -1,8 +1,8 @@
 //! `steelyard relay`: runs a relay. Reads the TOML config, applies flag and environment
 //! overrides, starts a tokio runtime and hands over to the `steelyard-relay` crate; drains
 //! gracefully on SIGTERM or SIGINT (a second signal exits at once). With a broker URL it also
-//! runs the broker link (load reports over the broker's WebSocket); without one the relay runs
-//! standalone.
+//! runs the broker link (load reports over the broker's WebSocket, and the broker's ticket keys
+//! when none are pinned with `--broker-key`); without one the relay runs standalone.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +23,8 @@ pub struct RelayArgs {
     #[arg(long, env = "STEELYARD_RELAY_ID")]
     pub relay_id: Option<String>,
     /// A trusted broker public key (64 hex digits); repeat for several. Replaces the config's.
+    /// Pins the keys: without any, a relay with --broker-url trusts the ticket keys the broker
+    /// announces (tickets get `not_ready` until the first welcome).
     #[arg(
         long = "broker-key",
         env = "STEELYARD_RELAY_BROKER_KEYS",
@@ -153,7 +155,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         // The identity key is loaded before the ports are announced: a bad one stops here.
         let link = match &cfg.broker {
             Some(b) => {
-                let link = BrokerLink::new(&cfg, relay.handle().metrics().clone(), addrs)
+                let link = BrokerLink::new(&cfg, &relay.handle(), addrs)
                     .context("cannot start the broker link")?;
                 tracing::info!(url = %b.url, identity = %link.public_key_hex(), "reporting to the broker");
                 Some(link.spawn())

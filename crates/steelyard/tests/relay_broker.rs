@@ -22,6 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 struct RelayProc {
     child: Child,
     tcp: SocketAddr,
+    udp: Option<SocketAddr>,
 }
 
 impl Drop for RelayProc {
@@ -33,12 +34,21 @@ impl Drop for RelayProc {
 
 fn start_relay(dir: &Path, broker: SocketAddr, ticket_key: &str) -> RelayProc {
     let url = format!("ws://{broker}/v1/relay");
-    spawn_relay(dir, "r1", &url, ticket_key, &[])
+    spawn_relay(dir, "r1", &url, Some(ticket_key), &[])
 }
 
-fn spawn_relay(dir: &Path, id: &str, url: &str, ticket_key: &str, extra: &[&str]) -> RelayProc {
+/// Starts `steelyard relay` reporting to `url`; with `ticket_key` pinned as its only trusted
+/// key, without it trusting the keys the broker announces.
+fn spawn_relay(
+    dir: &Path,
+    id: &str,
+    url: &str,
+    ticket_key: Option<&str>,
+    extra: &[&str],
+) -> RelayProc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
-        .args(["relay", "--relay-id", id, "--broker-key", ticket_key])
+        .args(["relay", "--relay-id", id])
+        .args(ticket_key.map(|k| ["--broker-key", k]).iter().flatten())
         .args(["--tcp", "127.0.0.1:0", "--http", "127.0.0.1:0"])
         .args(["--broker-url", url])
         .arg("--identity-key")
@@ -54,13 +64,14 @@ fn spawn_relay(dir: &Path, id: &str, url: &str, ticket_key: &str, extra: &[&str]
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let tcp = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("tcp="))
-        .unwrap_or_else(|| panic!("no tcp= in {line:?}"))
-        .parse()
-        .unwrap();
-    RelayProc { child, tcp }
+    let addr = |key: &str| {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|a| a.parse().ok())
+    };
+    let tcp = addr("tcp=").unwrap_or_else(|| panic!("no tcp= in {line:?}"));
+    let udp = addr("udp=");
+    RelayProc { child, tcp, udp }
 }
 
 fn free_port() -> u16 {
@@ -119,6 +130,53 @@ fn hex_bytes(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// Two new agents `from` and `to` report r1 and `from` connects to `to`: returns their tickets
+/// (the broker signed them) and the relay TCP address the broker gave.
+async fn broker_session(
+    broker: SocketAddr,
+    from: &str,
+    to: &str,
+) -> (Vec<u8>, Vec<u8>, Option<String>) {
+    let n = 2 * u8::try_from(from.len() + to.len()).unwrap();
+    let (mut a, v) = agent(broker, from, &key(n), Some(AGENT_TOKEN), false).await;
+    v.unwrap();
+    let (mut b, v) = agent(broker, to, &key(n + 1), Some(AGENT_TOKEN), true).await;
+    v.unwrap();
+    for ws in [&mut a, &mut b] {
+        send_text(
+            ws,
+            serde_json::json!({"type": "report", "paths": [{"relay": "r1", "rtt_ms": 5.0}]}),
+        )
+        .await;
+        recv_where(ws, |m| {
+            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
+        })
+        .await;
+    }
+    send_text(
+        &mut a,
+        serde_json::json!({"type": "connect", "request_id": 1, "to": to}),
+    )
+    .await;
+    let answer = recv_where(&mut a, |m| match m {
+        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
+        BrokerMessage::Error(e) => panic!("connect refused: {e}"),
+        _ => None,
+    })
+    .await;
+    let offer = recv_where(&mut b, |m| match m {
+        BrokerMessage::Offer(o) => Some(o.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(answer.relay_id, "r1");
+    (
+        hex_bytes(&answer.ticket),
+        hex_bytes(&offer.ticket),
+        answer.relay_tcp_addr,
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_reports_load_reconnects_and_drains() {
     let dir = temp_dir("relay-broker");
@@ -146,43 +204,11 @@ async fn relay_reports_load_reconnects_and_drains() {
     assert_eq!(mode, 0o600);
 
     // Two agents; the broker picks r1 for their session.
-    let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), false).await;
-    v.unwrap();
-    let (mut bob, v) = agent(addr, "bob", &key(2), Some(AGENT_TOKEN), true).await;
-    v.unwrap();
-    for ws in [&mut alice, &mut bob] {
-        send_text(
-            ws,
-            serde_json::json!({"type": "report", "paths": [{"relay": "r1", "rtt_ms": 5.0}]}),
-        )
-        .await;
-        recv_where(ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
-    }
-    send_text(
-        &mut alice,
-        serde_json::json!({"type": "connect", "request_id": 1, "to": "bob"}),
-    )
-    .await;
-    let answer = recv_where(&mut alice, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
-        BrokerMessage::Error(e) => panic!("connect refused: {e}"),
-        _ => None,
-    })
-    .await;
-    let offer = recv_where(&mut bob, |m| match m {
-        BrokerMessage::Offer(o) => Some(o.clone()),
-        _ => None,
-    })
-    .await;
-    assert_eq!(answer.relay_id, "r1");
-    assert_eq!(answer.relay_tcp_addr, Some(relay.tcp.to_string()));
+    let (a_ticket, b_ticket, relay_tcp_addr) = broker_session(addr, "alice", "bob").await;
+    assert_eq!(relay_tcp_addr, Some(relay.tcp.to_string()));
 
     // Alice's side waits at the relay: pending rises in the broker's view.
     let tcp = relay.tcp;
-    let a_ticket = hex_bytes(&answer.ticket);
     let a = tokio::spawn(async move {
         steelyard_relay::client::dial(tcp, &a_ticket, Duration::from_secs(20)).await
     });
@@ -192,13 +218,9 @@ async fn relay_reports_load_reconnects_and_drains() {
     .await;
     eprintln!("pending side seen by the broker after {took:?}");
     // Bob arrives: one live session.
-    let mut b = steelyard_relay::client::dial(
-        relay.tcp,
-        &hex_bytes(&offer.ticket),
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let mut b = steelyard_relay::client::dial(relay.tcp, &b_ticket, Duration::from_secs(10))
+        .await
+        .unwrap();
     let mut a = a.await.unwrap().unwrap();
     let (_, took) = wait_relay(addr, Duration::from_secs(5), "with a live session", |r| {
         r["load"]["sessions"] == 1 && r["load"]["pending"] == 0
@@ -213,8 +235,6 @@ async fn relay_reports_load_reconnects_and_drains() {
     // Kill the broker (no goodbye) and start it again on the same port and data directory
     // (the in-memory store forgot the relay): the relay reconnects, re-enrolls and reports
     // its live session.
-    drop(alice);
-    drop(bob);
     drop(broker);
     let restarted = Instant::now();
     let broker = BrokerProcess::start(&dir, &config);
@@ -266,6 +286,104 @@ async fn relay_reports_load_reconnects_and_drains() {
     })
     .await;
     assert_eq!(view["load"]["draining"], true);
+    broker.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without `--broker-key` the relay trusts the ticket keys of the broker's welcome: before the
+/// broker is there every ticket (TCP and UDP) gets `not_ready`; once it is, tickets the broker
+/// signs pair, and a ticket signed by any other key is `forged`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_without_broker_keys_trusts_the_keys_the_broker_announces() {
+    use steelyard_proto::ticket::{SessionId, Side, Ticket, TicketLimits, TicketSigner, Transport};
+    use steelyard_relay::client::{dial, udp_bind, ClientError};
+    use steelyard_relay::wire::StatusCode;
+
+    let dir = temp_dir("relay-broker-keys");
+    let port = free_port();
+    let url = format!("ws://127.0.0.1:{port}/v1/relay");
+    let relay = spawn_relay(&dir, "r1", &url, None, &["--udp", "127.0.0.1:0"]);
+    let stranger = TicketSigner::from_seed([77; 32]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let ticket = |sid: u8, transport| {
+        stranger
+            .sign(&Ticket {
+                key_id: stranger.key_id(),
+                session_id: SessionId([sid; 16]),
+                relay_id: "r1".into(),
+                side: Side::A,
+                peer_id: "p".into(),
+                issued_at: now - 5,
+                expires_at: now + 120,
+                limits: TicketLimits::default(),
+                transport,
+            })
+            .unwrap()
+    };
+    let wait = Duration::from_secs(5);
+    let refused = |r: Result<tokio::net::TcpStream, ClientError>| match r {
+        Err(ClientError::Refused(code)) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_udp = relay.udp.expect("relay udp address");
+
+    // No broker yet: not ready, on both transports.
+    assert_eq!(
+        refused(dial(relay.tcp, &ticket(1, Transport::Tcp), wait).await),
+        StatusCode::NotReady
+    );
+    assert_eq!(
+        udp_bind(
+            &udp,
+            relay_udp,
+            SessionId([2; 16]),
+            &ticket(2, Transport::Udp),
+            wait
+        )
+        .await
+        .unwrap(),
+        StatusCode::NotReady
+    );
+
+    // The broker comes up on that port; the relay connects and takes its keys.
+    let broker = BrokerProcess::start(&dir, &broker_config(&dir, port));
+    let addr = broker.addr;
+    wait_relay(addr, Duration::from_secs(10), "online", |r| {
+        r["online"] == true
+    })
+    .await;
+    let (a_ticket, b_ticket, _) = broker_session(addr, "carol", "dave").await;
+    let tcp = relay.tcp;
+    let a = tokio::spawn(async move { dial(tcp, &a_ticket, Duration::from_secs(20)).await });
+    let mut b = dial(relay.tcp, &b_ticket, wait).await.unwrap();
+    let mut a = a.await.unwrap().unwrap();
+    a.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    b.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // A key the broker did not announce is not trusted.
+    assert_eq!(
+        refused(dial(relay.tcp, &ticket(3, Transport::Tcp), wait).await),
+        StatusCode::Forged
+    );
+    assert_eq!(
+        udp_bind(
+            &udp,
+            relay_udp,
+            SessionId([4; 16]),
+            &ticket(4, Transport::Udp),
+            wait
+        )
+        .await
+        .unwrap(),
+        StatusCode::Forged
+    );
+    drop(relay);
     broker.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -328,8 +446,14 @@ async fn relay_reports_over_wss_with_a_ca_file() {
     let url = format!("wss://localhost:{}/v1/relay", broker.addr.port());
     let ca = dir.join("cert.pem").display().to_string();
     let wrong_ca = dir.join("other.pem").display().to_string();
-    let _good = spawn_relay(&dir, "r1", &url, &ticket_key, &["--broker-ca", &ca]);
-    let _bad = spawn_relay(&dir, "r2", &url, &ticket_key, &["--broker-ca", &wrong_ca]);
+    let _good = spawn_relay(&dir, "r1", &url, Some(&ticket_key), &["--broker-ca", &ca]);
+    let _bad = spawn_relay(
+        &dir,
+        "r2",
+        &url,
+        Some(&ticket_key),
+        &["--broker-ca", &wrong_ca],
+    );
     let start = Instant::now();
     loop {
         let view = https_json(broker.addr, &cert, "/v1/admin/relays").await;
