@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -83,6 +83,8 @@ struct Shared {
     store: Arc<dyn Store>,
     outbox: Arc<Outbox>,
     unauth: Mutex<HashMap<IpAddr, u32>>,
+    /// Open WebSockets (agents, relays, not yet authenticated), against `limits.max_connections`.
+    open: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -348,6 +350,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
         store: store.clone(),
         outbox: outbox.clone(),
         unauth: Mutex::new(HashMap::new()),
+        open: AtomicUsize::new(0),
     });
     // Effects queued while building the core (config relays to persist).
     shared.with_core(|_| ());
@@ -596,14 +599,22 @@ async fn get_keys(State(shared): State<Arc<Shared>>) -> Response {
     Json(serde_json::json!({ "keys": shared.keys })).into_response()
 }
 
+impl Shared {
+    fn gauges(&self) -> crate::core::Gauges {
+        let mut g = lock(&self.core).gauges();
+        g.websockets_open = self.open.load(Ordering::Relaxed);
+        g
+    }
+}
+
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
-    let g = lock(&shared.core).gauges();
+    let g = shared.gauges();
     Json(serde_json::json!({ "status": "ok", "store": shared.store.backend(), "gauges": g }))
         .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let g = lock(&shared.core).gauges();
+    let g = shared.gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared.metrics.render(&g),
@@ -798,6 +809,49 @@ impl Drop for UnauthGuard {
     }
 }
 
+/// One open WebSocket counted against `limits.max_connections`, from the upgrade until its
+/// task ends (or the upgrade fails).
+struct OpenSlot(Arc<Shared>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes a slot of the total connection limit, or answers 503 with what to do.
+#[allow(clippy::result_large_err)]
+fn open_slot(shared: &Arc<Shared>) -> Result<OpenSlot, Response> {
+    let max = shared.config.limits.max_connections;
+    let taken = shared
+        .open
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        });
+    match taken {
+        Ok(_) => Ok(OpenSlot(shared.clone())),
+        Err(n) => {
+            shared
+                .metrics
+                .connection_limit
+                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.error(ErrorCode::TooManyConnections);
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                Json(ApiError::new(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "the broker has {n} open WebSockets, its limit (limits.max_connections = \
+                         {max}); retry later, or ask the operator to raise the limit or add a broker"
+                    ),
+                )),
+            )
+                .into_response())
+        }
+    }
+}
+
 #[allow(clippy::result_large_err)]
 fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<UnauthGuard, Response> {
     let mut map = lock(&shared.unauth);
@@ -847,15 +901,22 @@ async fn relay_ws(
     upgrade(shared, addr, ws, Role::Relay)
 }
 
-/// Admits a WebSocket from `addr` (per-address limit) and runs it in `role`.
+/// Admits a WebSocket from `addr` (total and per-address limits) and runs it in `role`.
 fn upgrade(shared: Arc<Shared>, addr: SocketAddr, ws: WebSocketUpgrade, role: Role) -> Response {
+    let slot = match open_slot(&shared) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
     let guard = match admit(&shared, addr.ip()) {
         Ok(g) => g,
         Err(r) => return r,
     };
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
     configure(ws, &shared)
-        .on_upgrade(move |socket| run_socket(shared, socket, guard, role))
+        .on_upgrade(move |socket| async move {
+            run_socket(shared, socket, guard, role).await;
+            drop(slot);
+        })
         .into_response()
 }
 
@@ -1105,7 +1166,7 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
     };
     lock(&shared.conns).remove(&conn);
     match &hello {
-        Hello::Agent(h) => shared.with_core(|c| c.agent_offline(&h.peer_id, conn)),
+        Hello::Agent(h) => shared.with_core(|c| c.agent_offline(&h.peer_id, conn, now())),
         Hello::Relay(h) => shared.with_core(|c| c.relay_offline(&h.relay_id, conn)),
     }
     // Let the writer flush what is queued (a final error) before the socket drops.
@@ -1138,8 +1199,15 @@ fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {
         },
         AgentMessage::Connect(req) => connect(shared, conn, peer, &req, t),
         AgentMessage::OfferReply(reply) => {
-            if let Err(e) = shared.with_core(|c| c.offer_reply(peer, &reply, t)) {
-                shared.send_error(conn, e);
+            match shared.with_core(|c| c.offer_reply(peer, &reply, t)) {
+                Ok(answered) => {
+                    let d = Duration::from_millis(answered.round_trip_ms);
+                    shared.metrics.offer_round_trip.observe(d);
+                    if answered.answer_sent {
+                        shared.metrics.connect_latency.observe(d);
+                    }
+                }
+                Err(e) => shared.send_error(conn, e),
             }
         }
         AgentMessage::SessionEnded(ended) => {
@@ -1151,6 +1219,7 @@ fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {
 }
 
 fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: Timestamp) {
+    let started = Instant::now();
     let session_id = SessionId(random());
     let plan = match shared.with_core(|c| c.connect(peer, conn, req, session_id, t)) {
         Ok(plan) => plan,
@@ -1201,6 +1270,7 @@ fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: T
         shared.send(plan.b_conn, &BrokerMessage::Offer(offer));
         shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
         shared.send(conn, &BrokerMessage::ConnectAnswer(answer));
+        shared.metrics.connect_latency.observe(started.elapsed());
     }
 }
 
