@@ -12,14 +12,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use steelyard_proto::api::{
     self, AgentHello, AgentMessage, ApiError, AuthProof, BrokerMessage, Challenge, ConnectAnswer,
@@ -30,7 +27,7 @@ use steelyard_proto::hex;
 use steelyard_proto::ticket::{SessionId, TicketSigner};
 use steelyard_select::{Policy, Timestamp};
 use steelyard_store::{MemoryStore, SessionRecord, SqliteStore, Store};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{BrokerConfig, StoreKind};
@@ -38,6 +35,7 @@ use crate::core::{no_choice_error, ConnId, Core, Effects, Persist};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::openapi;
+use crate::ws;
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +65,78 @@ pub enum StartError {
     },
 }
 
+/// What a connection's writer sends.
 enum Out {
     Text(String),
-    Close(ApiError),
+    Pong(Box<[u8]>),
+    Close(Box<ApiError>),
+}
+
+/// Why a message could not be queued.
+enum QueueError {
+    /// `limits.send_queue` messages are waiting: the client is too slow.
+    Full,
+    /// The connection is closing.
+    Closed,
+}
+
+/// One connection's send queue, drained by its writer task. Bounded by `limits.send_queue`;
+/// closed by the broker (slow consumer, close, shutdown) or by the writer when the socket
+/// fails. It holds no allocation while empty: a tokio mpsc channel costs about 1.5 KiB per
+/// idle connection (cache-padded fields and a 32-slot block), a quarter of the broker's
+/// memory per connected peer.
+#[derive(Default)]
+struct SendQueue {
+    state: Mutex<(std::collections::VecDeque<Out>, bool)>,
+    ready: Notify,
+}
+
+impl SendQueue {
+    fn push(&self, out: Out, max: usize) -> Result<(), QueueError> {
+        let mut s = lock(&self.state);
+        if s.1 {
+            return Err(QueueError::Closed);
+        }
+        if s.0.len() >= max {
+            return Err(QueueError::Full);
+        }
+        s.0.push_back(out);
+        drop(s);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// No more messages; the writer ends after sending what is queued.
+    fn close(&self) {
+        lock(&self.state).1 = true;
+        self.ready.notify_one();
+    }
+
+    /// The next message; `None` once closed and drained.
+    async fn pop(&self) -> Option<Out> {
+        loop {
+            {
+                let mut s = lock(&self.state);
+                if let Some(out) = s.0.pop_front() {
+                    if s.0.is_empty() && s.0.capacity() > 4 {
+                        // A burst (the relay map) is over: give its memory back.
+                        s.0 = Default::default();
+                    }
+                    return Some(out);
+                }
+                if s.1 {
+                    return None;
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so no wake-up is lost here.
+            self.ready.notified().await;
+        }
+    }
 }
 
 struct Shared {
     core: Mutex<Core>,
-    conns: Mutex<HashMap<ConnId, mpsc::Sender<Out>>>,
+    conns: Mutex<HashMap<ConnId, Arc<SendQueue>>>,
     next_conn: AtomicU64,
     signer: TicketSigner,
     keys: Vec<PublicKeyInfo>,
@@ -164,18 +226,23 @@ impl Shared {
     }
 
     fn send_text(&self, conn: ConnId, text: String) {
+        self.send_out(conn, Out::Text(text));
+    }
+
+    fn send_out(&self, conn: ConnId, out: Out) {
         let mut conns = lock(&self.conns);
-        if let Some(tx) = conns.get(&conn) {
-            match tx.try_send(Out::Text(text)) {
+        if let Some(queue) = conns.get(&conn) {
+            match queue.push(out, self.config.limits.send_queue) {
                 Ok(()) => {
                     self.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Too slow to keep up: dropping the only sender ends its writer.
+                Err(QueueError::Full) => {
+                    // Too slow to keep up: its writer sends what is queued, then closes.
                     self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    queue.close();
                     conns.remove(&conn);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(QueueError::Closed) => {
                     conns.remove(&conn);
                 }
             }
@@ -188,19 +255,19 @@ impl Shared {
     }
 
     fn close(&self, conn: ConnId, error: ApiError) {
-        if let Some(tx) = lock(&self.conns).remove(&conn) {
-            let _ = tx.try_send(Out::Close(error));
+        if let Some(queue) = lock(&self.conns).remove(&conn) {
+            let _ = queue.push(Out::Close(Box::new(error)), usize::MAX);
+            queue.close();
         }
     }
 
-    fn new_conn(&self) -> (ConnId, mpsc::Sender<Out>, mpsc::Receiver<Out>) {
+    fn new_conn(&self) -> (ConnId, Arc<SendQueue>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.config.limits.send_queue);
-        (id, tx, rx)
+        (id, Arc::default())
     }
 
-    fn attach(&self, conn: ConnId, tx: mpsc::Sender<Out>) {
-        lock(&self.conns).insert(conn, tx);
+    fn attach(&self, conn: ConnId, queue: Arc<SendQueue>) {
+        lock(&self.conns).insert(conn, queue);
     }
 }
 
@@ -875,34 +942,56 @@ fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<UnauthGuard, Response> {
     })
 }
 
-fn configure(ws: WebSocketUpgrade, shared: &Shared) -> WebSocketUpgrade {
-    // The hard limit is twice the message limit: messages in between get a clear `too_large`
-    // error; larger ones end the connection.
-    let hard = shared.config.limits.max_message_bytes * 2;
-    ws.max_message_size(hard)
-        .max_frame_size(hard)
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-}
-
 async fn agent_ws(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    req: Request,
 ) -> Response {
-    upgrade(shared, addr, ws, Role::Agent)
+    upgrade(shared, addr, req, Role::Agent)
 }
 
 async fn relay_ws(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    req: Request,
 ) -> Response {
-    upgrade(shared, addr, ws, Role::Relay)
+    upgrade(shared, addr, req, Role::Relay)
 }
 
-/// Admits a WebSocket from `addr` (total and per-address limits) and runs it in `role`.
-fn upgrade(shared: Arc<Shared>, addr: SocketAddr, ws: WebSocketUpgrade, role: Role) -> Response {
+/// Checks the WebSocket upgrade, admits it (total and per-address limits), answers 101 and
+/// runs the socket in `role` once hyper hands over the connection.
+fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) -> Response {
+    let accept = match ws::check_upgrade(req.headers()) {
+        Ok(a) => a,
+        Err(ws::UpgradeError::Version) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::SEC_WEBSOCKET_VERSION, "13")],
+                Json(ApiError::new(
+                    ErrorCode::BadMessage,
+                    "this broker speaks WebSocket version 13 only",
+                )),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            let what = match e {
+                ws::UpgradeError::Key => "the upgrade has no usable Sec-WebSocket-Key",
+                _ => {
+                    "this endpoint is a WebSocket: send a GET with Connection: Upgrade and \
+                      Upgrade: websocket"
+                }
+            };
+            return http_error(StatusCode::BAD_REQUEST, ErrorCode::BadMessage, what);
+        }
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadMessage,
+            "this connection cannot be upgraded (HTTP/1.1 is required for WebSockets)",
+        );
+    };
     let slot = match open_slot(&shared) {
         Ok(s) => s,
         Err(r) => return r,
@@ -912,50 +1001,62 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, ws: WebSocketUpgrade, role: Ro
         Err(r) => return r,
     };
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
-    configure(ws, &shared)
-        .on_upgrade(move |socket| async move {
-            run_socket(shared, socket, guard, role).await;
-            drop(slot);
-        })
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                run_socket(shared, hyper_util::rt::TokioIo::new(upgraded), guard, role).await
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "WebSocket upgrade failed"),
+        }
+        drop(slot);
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, "upgrade"),
+            (header::UPGRADE, "websocket"),
+            (header::SEC_WEBSOCKET_ACCEPT, accept.as_str()),
+        ],
+    )
         .into_response()
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-type Stream = SplitStream<WebSocket>;
+type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+type Sink = tokio::io::WriteHalf<Io>;
+type Stream = ws::Reader<tokio::io::ReadHalf<Io>>;
 
 enum Hello {
     Agent(AgentHello),
     Relay(RelayHello),
 }
 
-/// Reads the next text message; `Err` carries the error to send before closing.
-async fn next_text(stream: &mut Stream) -> Result<Option<String>, ApiError> {
+/// Reads the next text message, handing pings to `pong`; `Err` carries the error to send
+/// before closing.
+async fn next_text(
+    stream: &mut Stream,
+    mut pong: impl FnMut(Box<[u8]>),
+) -> Result<Option<String>, ApiError> {
     loop {
         match stream.next().await {
-            None | Some(Ok(Message::Close(_))) => return Ok(None),
-            Some(Ok(Message::Text(t))) => return Ok(Some(t.to_string())),
-            Some(Ok(Message::Binary(_))) => {
+            Ok(None) | Err(ws::ReadError::Io(_)) => return Ok(None),
+            Ok(Some(ws::Incoming::Text(t))) => return Ok(Some(t)),
+            Ok(Some(ws::Incoming::Ping(p))) => pong(p),
+            Ok(Some(ws::Incoming::Binary)) => {
                 return Err(ApiError::new(
                     ErrorCode::BadMessage,
                     "binary frames are not part of the API: send JSON text frames",
                 ))
             }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                let text = e.to_string();
-                let code = if text.contains("too long") || text.contains("Space limit") {
-                    ErrorCode::TooLarge
-                } else {
-                    ErrorCode::BadMessage
-                };
-                return Err(ApiError::new(code, format!("WebSocket error: {text}")));
+            Err(e @ ws::ReadError::TooLarge { .. }) => {
+                return Err(ApiError::new(ErrorCode::TooLarge, e.to_string()))
             }
+            Err(e) => return Err(ApiError::new(ErrorCode::BadMessage, e.to_string())),
         }
     }
 }
 
 async fn send_direct(sink: &mut Sink, message: &BrokerMessage) -> bool {
-    sink.send(Message::Text(api::encode(message).into()))
+    ws::write_frame(sink, ws::TEXT, api::encode(message).as_bytes())
         .await
         .is_ok()
 }
@@ -963,7 +1064,7 @@ async fn send_direct(sink: &mut Sink, message: &BrokerMessage) -> bool {
 async fn fail(shared: &Shared, sink: &mut Sink, error: ApiError) {
     shared.metrics.error(error.code);
     let _ = send_direct(sink, &BrokerMessage::Error(error)).await;
-    let _ = sink.send(Message::Close(None)).await;
+    let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
 }
 
 /// Hello → challenge → auth. Returns the hello of an authenticated client.
@@ -974,7 +1075,8 @@ async fn handshake(
     role: Role,
 ) -> Result<(Hello, bool), Option<ApiError>> {
     let max = shared.config.limits.max_message_bytes;
-    let text = next_text(stream).await?.ok_or(None)?;
+    // Pings before authentication go unanswered: the client has seconds to authenticate.
+    let text = next_text(stream, drop).await?.ok_or(None)?;
     let hello = match role {
         Role::Agent => match api::decode_agent(&text, max)? {
             AgentMessage::Hello(h) => Hello::Agent(h),
@@ -996,7 +1098,7 @@ async fn handshake(
     {
         return Err(None);
     }
-    let text = next_text(stream).await?.ok_or(None)?;
+    let text = next_text(stream, drop).await?.ok_or(None)?;
     let proof: AuthProof = match role {
         Role::Agent => match api::decode_agent(&text, max)? {
             AgentMessage::Auth(p) => p,
@@ -1043,12 +1145,17 @@ impl Bucket {
     }
 }
 
-async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, role: Role) {
-    let (mut sink, mut stream) = socket.split();
+async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role) {
+    let (read, mut sink) = tokio::io::split(io);
     let limits = &shared.config.limits;
+    // The hard limit is twice the message limit: messages in between get a clear `too_large`
+    // error; larger ones end the connection.
+    let mut stream = ws::Reader::new(read, limits.max_message_bytes * 2);
+    // Boxed so that the handshake's state is freed once it is done instead of sizing this
+    // task for the rest of the connection's life.
     let auth = tokio::time::timeout(
         Duration::from_secs(limits.auth_timeout_secs),
-        handshake(&shared, &mut sink, &mut stream, role),
+        Box::pin(handshake(&shared, &mut sink, &mut stream, role)),
     )
     .await;
     let (hello, enrolled) = match auth {
@@ -1071,7 +1178,8 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
     shared.metrics.auth_ok.fetch_add(1, Ordering::Relaxed);
     // The welcome (and the rest of the relay map) is queued before the connection is attached
     // and marked online, so nothing can overtake it.
-    let (conn, tx, mut rx) = shared.new_conn();
+    let (conn, queue) = shared.new_conn();
+    let max = limits.send_queue;
     match &hello {
         Hello::Agent(h) => {
             if enrolled {
@@ -1080,11 +1188,14 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
             let keys = shared.keys.clone();
             shared.with_core(|c| {
                 let welcome = c.welcome(&h.peer_id, enrolled, keys);
-                let _ = tx.try_send(Out::Text(api::encode(&BrokerMessage::Welcome(welcome))));
+                let _ = queue.push(
+                    Out::Text(api::encode(&BrokerMessage::Welcome(welcome))),
+                    max,
+                );
                 for page in c.relay_map_encoded().iter().skip(1) {
-                    let _ = tx.try_send(Out::Text(page.clone()));
+                    let _ = queue.push(Out::Text(page.clone()), max);
                 }
-                shared.attach(conn, tx);
+                shared.attach(conn, queue.clone());
                 c.agent_online(&h.peer_id, conn, h.auto_accept, now());
             });
         }
@@ -1095,32 +1206,40 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
                 load_interval_ms: shared.config.schedule.relay_load_interval_ms,
                 ticket_keys: shared.keys.clone(),
             });
-            let _ = tx.try_send(Out::Text(api::encode(&welcome)));
+            let _ = queue.push(Out::Text(api::encode(&welcome)), max);
             shared.with_core(|c| {
-                shared.attach(conn, tx);
+                shared.attach(conn, queue.clone());
                 c.relay_online(&h.relay_id, conn);
             });
         }
     }
 
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Out::Text(t) => {
-                    if sink.send(Message::Text(t.into())).await.is_err() {
-                        return;
+    let writer = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let open = async {
+                while let Some(out) = queue.pop().await {
+                    let written = match out {
+                        Out::Text(t) => ws::write_frame(&mut sink, ws::TEXT, t.as_bytes()).await,
+                        Out::Pong(p) => ws::write_frame(&mut sink, ws::PONG, &p).await,
+                        Out::Close(e) => {
+                            let _ = send_direct(&mut sink, &BrokerMessage::Error(*e)).await;
+                            break;
+                        }
+                    };
+                    if written.is_err() {
+                        return false;
                     }
                 }
-                Out::Close(e) => {
-                    let _ = sink
-                        .send(Message::Text(api::encode(&BrokerMessage::Error(e)).into()))
-                        .await;
-                    break;
-                }
+                true
             }
-        }
-        let _ = sink.send(Message::Close(None)).await;
-    });
+            .await;
+            queue.close();
+            if open {
+                let _ = ws::write_frame(&mut sink, ws::CLOSE, &[]).await;
+            }
+        })
+    };
 
     let mut bucket = Bucket {
         tokens: f64::from(limits.message_burst.max(1)),
@@ -1130,7 +1249,7 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
     };
     let reader = async {
         loop {
-            let text = match next_text(&mut stream).await {
+            let text = match next_text(&mut stream, |p| shared.send_out(conn, Out::Pong(p))).await {
                 Ok(Some(t)) => t,
                 Ok(None) => break,
                 Err(e) => {
@@ -1165,6 +1284,7 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
         _ = &mut writer => true,
     };
     lock(&shared.conns).remove(&conn);
+    queue.close();
     match &hello {
         Hello::Agent(h) => shared.with_core(|c| c.agent_offline(&h.peer_id, conn, now())),
         Hello::Relay(h) => shared.with_core(|c| c.relay_offline(&h.relay_id, conn)),

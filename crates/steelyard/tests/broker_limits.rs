@@ -228,3 +228,47 @@ async fn unanswered_offers_are_withdrawn_from_b_and_latencies_are_counted() {
     assert!(broker.alive());
     broker.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_are_answered_and_plain_requests_to_websocket_paths_get_a_clear_error() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = temp_dir("ws-basics");
+    let mut broker = BrokerProcess::start(&dir, &config(&dir, ""));
+    let addr = broker.addr;
+    let (status, body) = http_json(addr, "GET", "/v1/agent", None, None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("Upgrade: websocket"),
+        "{body}"
+    );
+    let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), true).await;
+    v.unwrap();
+    alice
+        .send(Message::Ping(b"are you there".to_vec().into()))
+        .await
+        .unwrap();
+    let pong = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match alice.next().await {
+                Some(Ok(Message::Pong(p))) => return p,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a pong within 5 s");
+    assert_eq!(&pong[..], b"are you there");
+    // A clean close is answered with a close.
+    alice.close(None).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), alice.next())
+        .await
+        .expect("the broker closes within 5 s");
+    assert!(matches!(end, None | Some(Ok(Message::Close(_)))), "{end:?}");
+    assert!(broker.alive());
+    broker.stop();
+}
