@@ -1,5 +1,6 @@
 //! The broker's I/O layer: HTTP (plain or rustls TLS) with axum, one WebSocket per agent and
-//! per relay, the admin API, a timer for the core's periodic work, and a writer thread that
+//! per relay (framed by [`crate::ws`], with a reader task and a writer task draining the
+//! connection's send queue), the admin API, a timer for the core's periodic work, and a writer thread that
 //! persists records to the store in batches.
 //!
 //! The logic lives in [`Core`]; this module moves bytes, reads the clock, draws random
@@ -1145,12 +1146,18 @@ impl Bucket {
     }
 }
 
+/// The largest message accepted before authentication (a hello or an auth proof is well
+/// under 1 KiB).
+const PRE_AUTH_MAX_MESSAGE: usize = 8 * 1024;
+
 async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role) {
     let (read, mut sink) = tokio::io::split(io);
     let limits = &shared.config.limits;
     // The hard limit is twice the message limit: messages in between get a clear `too_large`
     // error; larger ones end the connection.
-    let mut stream = ws::Reader::new(read, limits.max_message_bytes * 2);
+    let hard = limits.max_message_bytes * 2;
+    // Before authentication only a hello and an auth proof are expected: small messages.
+    let mut stream = ws::Reader::new(read, hard.min(PRE_AUTH_MAX_MESSAGE));
     // Boxed so that the handshake's state is freed once it is done instead of sizing this
     // task for the rest of the connection's life.
     let auth = tokio::time::timeout(
@@ -1175,6 +1182,7 @@ async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role)
         }
     };
     drop(guard);
+    stream.set_max(hard);
     shared.metrics.auth_ok.fetch_add(1, Ordering::Relaxed);
     // The welcome (and the rest of the relay map) is queued before the connection is attached
     // and marked online, so nothing can overtake it.
@@ -1213,6 +1221,11 @@ async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role)
             });
         }
     }
+    // Only the id outlives the welcome: the connection's task stays small.
+    let (role, id): (Role, Box<str>) = match hello {
+        Hello::Agent(h) => (Role::Agent, h.peer_id.into()),
+        Hello::Relay(h) => (Role::Relay, h.relay_id.into()),
+    };
 
     let writer = {
         let queue = queue.clone();
@@ -1272,9 +1285,9 @@ async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role)
                 );
                 continue;
             }
-            match &hello {
-                Hello::Agent(h) => handle_agent(&shared, conn, &h.peer_id, &text),
-                Hello::Relay(h) => handle_relay(&shared, conn, &h.relay_id, &text),
+            match role {
+                Role::Agent => handle_agent(&shared, conn, &id, &text),
+                Role::Relay => handle_relay(&shared, conn, &id, &text),
             }
         }
     };
@@ -1285,9 +1298,9 @@ async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role)
     };
     lock(&shared.conns).remove(&conn);
     queue.close();
-    match &hello {
-        Hello::Agent(h) => shared.with_core(|c| c.agent_offline(&h.peer_id, conn, now())),
-        Hello::Relay(h) => shared.with_core(|c| c.relay_offline(&h.relay_id, conn)),
+    match role {
+        Role::Agent => shared.with_core(|c| c.agent_offline(&id, conn, now())),
+        Role::Relay => shared.with_core(|c| c.relay_offline(&id, conn)),
     }
     // Let the writer flush what is queued (a final error) before the socket drops.
     if !writer_done {

@@ -32,6 +32,10 @@ pub const PONG: u8 = 0xA;
 /// one read; larger payloads are read straight into their own allocation.
 const READ_BUFFER: usize = 256;
 
+/// Payloads up to this size are allocated at once when their header arrives; larger ones grow
+/// as their bytes arrive.
+const EAGER_PAYLOAD: u64 = 16 * 1024;
+
 /// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
 pub fn accept_key(key: &[u8]) -> String {
     let mut sha = Sha1::new();
@@ -122,6 +126,11 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
+    /// Changes the message size limit (e.g. once the client has authenticated).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
+    }
+
     /// The next message; `None` when the client closed (close frame or end of stream).
     /// After an error the connection is out of step: close it.
     pub async fn next(&mut self) -> Result<Option<Incoming>, ReadError> {
@@ -154,13 +163,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         "control frames must be final and at most 125 bytes",
                     ));
                 }
-                let mut payload = [0u8; 125];
-                let payload = &mut payload[..len as usize];
-                self.io.read_exact(payload).await?;
-                unmask(payload, mask, 0);
+                // Rare: allocated rather than kept in every connection's reader state.
+                let mut payload = vec![0u8; len as usize];
+                self.io.read_exact(&mut payload).await?;
+                unmask(&mut payload, mask);
                 match opcode {
                     CLOSE => return Ok(None),
-                    0x9 => return Ok(Some(Incoming::Ping(payload.into()))),
+                    0x9 => return Ok(Some(Incoming::Ping(payload.into_boxed_slice()))),
                     PONG => continue,
                     _ => return Err(ReadError::Protocol("unknown control opcode")),
                 }
@@ -188,9 +197,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     max: self.max,
                 });
             }
-            bytes.resize(size as usize, 0);
-            self.io.read_exact(&mut bytes[start..]).await?;
-            unmask(&mut bytes[start..], mask, 0);
+            if len <= EAGER_PAYLOAD {
+                bytes.resize(size as usize, 0);
+                self.io.read_exact(&mut bytes[start..]).await?;
+            } else {
+                // Grown as bytes arrive: a header alone does not reserve the whole limit.
+                let got = (&mut self.io).take(len).read_to_end(&mut bytes).await?;
+                if (got as u64) < len {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+            }
+            unmask(&mut bytes[start..], mask);
             if !fin {
                 self.partial = Some((opcode, bytes));
                 continue;
@@ -205,9 +222,9 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 }
 
-fn unmask(bytes: &mut [u8], mask: [u8; 4], offset: usize) {
+fn unmask(bytes: &mut [u8], mask: [u8; 4]) {
     for (i, b) in bytes.iter_mut().enumerate() {
-        *b ^= mask[(i + offset) % 4];
+        *b ^= mask[i % 4];
     }
 }
 
@@ -360,9 +377,15 @@ mod tests {
         huge.extend(u64::MAX.to_be_bytes());
         huge.extend([0; 4]);
         assert!(err(&read_all(&huge, 100).await).contains("exceeds"));
-        // A frame cut short is a connection error, not a message.
+        // A frame cut short is a connection error, not a message, small or large.
         let cut = &frame(true, TEXT, b"hello")[..7];
         assert!(err(&read_all(cut, 100).await).contains("connection"));
+        let long = frame(true, TEXT, &[b'a'; 40_000]);
+        assert!(err(&read_all(&long[..30_000], 100_000).await).contains("connection"));
+        assert_eq!(
+            read_all(&long, 100_000).await[0],
+            Ok(Some(Incoming::Text("a".repeat(40_000))))
+        );
     }
 
     #[tokio::test]
