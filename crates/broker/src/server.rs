@@ -1425,3 +1425,62 @@ fn handle_relay(shared: &Shared, conn: ConnId, relay: &str, text: &str) {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(out: Option<Out>) -> Option<String> {
+        match out? {
+            Out::Text(t) => Some(t),
+            _ => panic!("not text"),
+        }
+    }
+
+    #[tokio::test]
+    async fn send_queue_is_bounded_drains_after_close_and_gives_memory_back() {
+        let q = SendQueue::default();
+        for i in 0..10 {
+            assert!(q.push(Out::Text(i.to_string()), 10).is_ok());
+        }
+        assert!(matches!(
+            q.push(Out::Text("x".into()), 10),
+            Err(QueueError::Full)
+        ));
+        for i in 0..10 {
+            assert_eq!(text(q.pop().await), Some(i.to_string()));
+        }
+        assert_eq!(
+            lock(&q.state).0.capacity(),
+            0,
+            "an idle queue holds no allocation after a burst"
+        );
+        q.push(Out::Text("last".into()), 10).ok().unwrap();
+        q.close();
+        assert!(matches!(
+            q.push(Out::Text("late".into()), 10),
+            Err(QueueError::Closed)
+        ));
+        assert_eq!(text(q.pop().await).as_deref(), Some("last"));
+        assert!(q.pop().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_is_woken_by_push_and_by_close() {
+        let q = Arc::new(SendQueue::default());
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { (text(q.pop().await), q.pop().await.is_none()) }
+        });
+        tokio::task::yield_now().await;
+        q.push(Out::Text("hi".into()), 10).ok().unwrap();
+        tokio::task::yield_now().await;
+        q.close();
+        let (first, ended) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(first.as_deref(), Some("hi"));
+        assert!(ended);
+    }
+}
