@@ -576,12 +576,13 @@ async fn accept_loop(
                     tower::ServiceExt::oneshot(router.clone(), req)
                 },
             );
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // HTTP/1.1 only (TLS offers only http/1.1 by ALPN): WebSockets need it, and the
+            // upgraded connection is then the bare stream, which `split` can take apart.
+            let builder = hyper::server::conn::http1::Builder::new();
             match tls {
                 None => {
                     let io = hyper_util::rt::TokioIo::new(tcp);
-                    let _ = builder.serve_connection_with_upgrades(io, service).await;
+                    let _ = builder.serve_connection(io, service).with_upgrades().await;
                 }
                 Some(acceptor) => {
                     let handshake =
@@ -589,7 +590,7 @@ async fn accept_loop(
                     match handshake {
                         Ok(Ok(stream)) => {
                             let io = hyper_util::rt::TokioIo::new(stream);
-                            let _ = builder.serve_connection_with_upgrades(io, service).await;
+                            let _ = builder.serve_connection(io, service).with_upgrades().await;
                         }
                         _ => {
                             tracing::debug!(%peer, "TLS handshake failed");
@@ -1004,9 +1005,7 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) 
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                run_socket(shared, hyper_util::rt::TokioIo::new(upgraded), guard, role).await
-            }
+            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role).await,
             Err(e) => tracing::debug!(%addr, error = %e, "WebSocket upgrade failed"),
         }
         drop(slot);
@@ -1022,9 +1021,33 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) 
         .into_response()
 }
 
-type Io = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
-type Sink = tokio::io::WriteHalf<Io>;
-type Stream = ws::Reader<tokio::io::ReadHalf<Io>>;
+type ReadIo = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Sink = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+type Stream = ws::Reader<ReadIo>;
+
+/// Splits an upgraded connection for its reader and writer tasks. Plain TCP (the common case
+/// behind a TLS-terminating proxy, and the benchmark) is split without a lock between the
+/// halves; TLS streams share one.
+fn split(upgraded: hyper::upgrade::Upgraded) -> (ReadIo, Sink) {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncReadExt;
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            // Bytes hyper read past the upgrade request come first.
+            let read: ReadIo = if parts.read_buf.is_empty() {
+                Box::new(read)
+            } else {
+                Box::new(std::io::Cursor::new(parts.read_buf).chain(read))
+            };
+            (read, Box::new(write))
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            (Box::new(read), Box::new(write))
+        }
+    }
+}
 
 enum Hello {
     Agent(AgentHello),
@@ -1150,8 +1173,12 @@ impl Bucket {
 /// under 1 KiB).
 const PRE_AUTH_MAX_MESSAGE: usize = 8 * 1024;
 
-async fn run_socket(shared: Arc<Shared>, io: Io, guard: UnauthGuard, role: Role) {
-    let (read, mut sink) = tokio::io::split(io);
+async fn run_socket(
+    shared: Arc<Shared>,
+    (read, mut sink): (ReadIo, Sink),
+    guard: UnauthGuard,
+    role: Role,
+) {
     let limits = &shared.config.limits;
     // The hard limit is twice the message limit: messages in between get a clear `too_large`
     // error; larger ones end the connection.

@@ -230,7 +230,7 @@ async fn unanswered_offers_are_withdrawn_from_b_and_latencies_are_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pings_are_answered_and_plain_requests_to_websocket_paths_get_a_clear_error() {
+async fn pings_pipelined_frames_and_plain_requests_to_websocket_paths() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
     let dir = temp_dir("ws-basics");
@@ -245,6 +245,41 @@ async fn pings_are_answered_and_plain_requests_to_websocket_paths_get_a_clear_er
             .contains("Upgrade: websocket"),
         "{body}"
     );
+    // A client that sends its first frame right behind the upgrade request, before the 101.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut bytes = format!(
+            "GET /v1/agent HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .into_bytes();
+        let payload = b"{not json";
+        bytes.extend([0x81, 0x80 | payload.len() as u8, 0, 0, 0, 0]); // zero mask
+        bytes.extend(payload);
+        tcp.write_all(&bytes).await.unwrap();
+        let mut got = Vec::new();
+        let text = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let mut chunk = [0u8; 1024];
+                let n = tcp.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+                got.extend(&chunk[..n]);
+                let text = String::from_utf8_lossy(&got).into_owned();
+                if text.contains("bad_message") {
+                    return text;
+                }
+            }
+        })
+        .await
+        .expect("an answer within 5 s");
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        assert!(
+            text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "accept key: {text}"
+        );
+    }
     let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), true).await;
     v.unwrap();
     alice
