@@ -24,6 +24,7 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt "$need" ]; then
   log "need $need open files per process, the limit is $(ulimit -n): lower BROKER_BENCH_PEERS"; exit 1
 fi
+LOAD=$(cut -d' ' -f1 /proc/loadavg)
 log "building release binaries"
 cargo build --release -p steelyard --bin steelyard >&2
 cargo build --release -p steelyard-broker --example broker_bench >&2
@@ -60,18 +61,19 @@ timeout 600 "$BENCH" run "$BROKER_ADDR" "$BROKER" "$PEERS" "$RELAYS" "$PATHS" "$
 log "state only: the broker core's memory per peer, without sockets"
 timeout 300 "$BENCH" state "$PEERS" "$RELAYS" "$PATHS" > "$WORK/state.json"
 
-python3 - "$WORK/broker.json" "$WORK/echo.json" "$PEERS" "$PATHS" "$RELAYS" "$CONCURRENCY" "$WORK/state.json" <<'PY'
+python3 - "$WORK/broker.json" "$WORK/echo.json" "$PEERS" "$PATHS" "$RELAYS" "$CONCURRENCY" "$WORK/state.json" "$LOAD" <<'PY'
 import json, sys
 b = json.load(open(sys.argv[1])); e = json.load(open(sys.argv[2]))
 peers, paths, relays, conc = sys.argv[3:7]
 state_kib = json.load(open(sys.argv[7]))["state_bytes_per_peer"] / 1024
+load = sys.argv[8]
 rate, erate = b["connects_per_sec"], e["requests_per_sec"]
 kib = b["bytes_per_peer"] / 1024
 if kib <= 0:
     sys.exit("no memory figure: the broker's RSS was not read")
 scope = f"{int(peers):,} peers x {paths} of {relays} relays, {conc} in flight"
-print(f"| broker connects/s ({scope}) | {rate:,.0f}/s | goal >= 10,000/s; echo ceiling {erate:,.0f}/s | {rate/10000:.2f}x goal, {rate/erate:.2f}x ceiling | {b['connects']:,} answered, {b['failed']} no common relay; 2 Ed25519 tickets, offer to B, answer to A per connect |")
+print(f"| broker connects/s ({scope}) | {rate:,.0f}/s | goal >= 10,000/s; echo ceiling {erate:,.0f}/s | {rate/10000:.2f}x goal, {rate/erate:.2f}x ceiling | {b['connects']:,} answered, {b['failed']} no common relay; 2 Ed25519 tickets, offer to B, answer to A per connect; 2 shared cores, load average {load} at start |")
 print(f"| broker connect latency p50 / p99 | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} ms | goal p99 <= 5 ms; echo {e['p50_ms']:.2f} / {e['p99_ms']:.2f} ms | {5/b['p99_ms']:.2f}x goal (p99) | request sent to answer received, client on the same 2 cores |")
-print(f"| broker memory per registered peer | {kib:.1f} KiB | goal <= 4 KiB | {4/kib:.2f}x goal | RSS growth over {int(peers):,} enrolled peers, each with its own WebSocket and a {paths}-path report |")
+print(f"| broker memory per registered peer | {kib:.1f} KiB | goal <= 4 KiB | {4/kib:.2f}x goal | RSS growth over {int(peers):,} enrolled peers, each with its own WebSocket and a {paths}-path report; {kib - state_kib:.1f} KiB of it is the connection (WebSocket framing, reader and writer tasks, send queue), the rest the state below |")
 print(f"| broker state per peer (no socket) | {state_kib:.1f} KiB | goal <= 4 KiB | {4/state_kib:.2f}x goal | identity, registry entry and {paths}-path report in the selector; the rest of the row above is the WebSocket |")
 PY

@@ -767,6 +767,7 @@ where
                     let (shared, tx) = (shared.clone(), tx.clone());
                     tokio::spawn(async move { handle_offer(shared, o, tx).await });
                 }
+                BrokerMessage::OfferWithdrawn(w) => tracing::info!(session = %w.session_id, reason = ?w.reason, "the broker withdrew an offer; its initiator will not come"),
                 BrokerMessage::Error(e) => match e.request_id.and_then(|id| lock(&shared.pending).remove(&id)) {
                     Some(w) => { let _ = w.send(Err(e)); }
                     None if e.code == ErrorCode::Replaced => return Err(SessionError::Refused(e)),

@@ -263,6 +263,9 @@ pub struct LimitsConfig {
     pub max_pending_connects: u32,
     /// Unauthenticated WebSocket connections per IP address.
     pub max_unauthenticated_per_ip: u32,
+    /// Open WebSockets in total (agents, relays and not yet authenticated); upgrades beyond
+    /// it are refused with HTTP 503.
+    pub max_connections: usize,
     /// Seconds a new WebSocket has to authenticate.
     pub auth_timeout_secs: u64,
     /// Milliseconds the acceptor has to answer an offer.
@@ -285,6 +288,7 @@ impl Default for LimitsConfig {
             message_burst: 200,
             max_pending_connects: 16,
             max_unauthenticated_per_ip: 64,
+            max_connections: 65_536,
             auth_timeout_secs: 10,
             offer_timeout_ms: 15_000,
             send_queue: 1024,
@@ -362,9 +366,10 @@ impl BrokerConfig {
         if l.max_message_bytes < 1024 || l.max_message_bytes > 16 << 20 {
             return bad("limits.max_message_bytes must be in 1024..=16777216".into());
         }
-        if l.messages_per_sec == 0 || l.max_unauthenticated_per_ip == 0 {
+        if l.messages_per_sec == 0 || l.max_unauthenticated_per_ip == 0 || l.max_connections == 0 {
             return bad(
-                "limits.messages_per_sec and max_unauthenticated_per_ip must be > 0".into(),
+                "limits.messages_per_sec, max_unauthenticated_per_ip and max_connections must be > 0"
+                    .into(),
             );
         }
         if l.send_queue < 64 {

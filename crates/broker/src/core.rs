@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use steelyard_proto::api::{
     self, AgentHello, AgentReport, ApiError, AuthProof, BrokerMessage, ConnectAnswer,
-    ConnectRequest, ErrorCode, GeoLocation, LoadReport, OfferReply, RelayHello, RelayMapEntry,
-    ReportNow, Role, Schedule, SessionEnded, TransportKind, NONCE_LEN,
+    ConnectRequest, ErrorCode, GeoLocation, LoadReport, OfferReply, OfferWithdrawn, RelayHello,
+    RelayMapEntry, ReportNow, Role, Schedule, SessionEnded, TransportKind, WithdrawReason,
+    NONCE_LEN,
 };
 use steelyard_proto::ticket::{is_valid_id, KeyId, SessionId, Side, Ticket, TicketLimits};
 use steelyard_select::{
@@ -118,6 +119,15 @@ pub struct ConnectPlan {
     pub b_public_key: String,
 }
 
+/// What an acceptor's reply to an offer came to, for the latency metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OfferAnswered {
+    /// From the connect request (the offer was sent in the same step) to the reply, ms.
+    pub round_trip_ms: u64,
+    /// Whether the initiator got its answer with a relay now.
+    pub answer_sent: bool,
+}
+
 /// A peer as the admin API shows it.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PeerView {
@@ -165,6 +175,8 @@ pub struct Gauges {
     pub live_sessions: usize,
     /// Offers waiting for an answer.
     pub pending_offers: usize,
+    /// Open WebSockets (filled in by the I/O layer; the core does not know sockets).
+    pub websockets_open: usize,
 }
 
 /// The broker's state. See the module docs.
@@ -527,11 +539,25 @@ impl Core {
         }
     }
 
-    /// Marks an agent's connection gone (if it is still the current one).
-    pub fn agent_offline(&mut self, peer: &str, conn: ConnId) {
-        if let Some(p) = self.peers.get_mut(peer) {
-            if p.conn == Some(conn) {
-                p.conn = None;
+    /// Marks an agent's connection gone (if it is still the current one). Offers it made on
+    /// that connection are withdrawn: nobody would get the answer.
+    pub fn agent_offline(&mut self, peer: &str, conn: ConnId, now: Timestamp) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.conn == Some(conn) {
+            p.conn = None;
+        }
+        // Only peers with offers in flight pay for the scan.
+        if p.pending_connects > 0 {
+            let mine: Vec<SessionId> = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| s.a_conn == conn && s.deadline.is_some())
+                .map(|(id, _)| *id)
+                .collect();
+            for id in mine {
+                self.withdraw_offer(id, WithdrawReason::InitiatorGone, now);
             }
         }
     }
@@ -828,6 +854,35 @@ impl Core {
         }
     }
 
+    /// Ends a pending offer that will not be answered: the session is refused, its relay's
+    /// pending load released, and B (if still connected) told to drop what it prepared.
+    fn withdraw_offer(&mut self, id: SessionId, reason: WithdrawReason, now: Timestamp) {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if s.deadline.take().is_none() {
+            return;
+        }
+        s.parked = None;
+        s.record.state = SessionState::Refused;
+        s.record.ended_at = Some(now.millis());
+        self.selector
+            .release_assignment(&s.record.relay, Timestamp::from_millis(s.record.created_at));
+        let record = s.record.clone();
+        if let Some(b_conn) = self.peers.get(&record.to).and_then(|b| b.conn) {
+            self.effects.send.push((
+                b_conn,
+                BrokerMessage::OfferWithdrawn(OfferWithdrawn {
+                    session_id: record.id.clone(),
+                    reason,
+                }),
+            ));
+        }
+        let from = record.from.clone();
+        self.effects.persist.push(Persist::Session(record));
+        self.resolve_pending(&from);
+    }
+
     fn resolve_pending(&mut self, from: &str) {
         self.pending_offers = self.pending_offers.saturating_sub(1);
         if let Some(p) = self.peers.get_mut(from) {
@@ -850,7 +905,7 @@ impl Core {
         by: &str,
         reply: &OfferReply,
         now: Timestamp,
-    ) -> Result<(), ApiError> {
+    ) -> Result<OfferAnswered, ApiError> {
         let id: SessionId = reply
             .session_id
             .parse()
@@ -866,6 +921,10 @@ impl Core {
         };
         s.deadline = None;
         let a_conn = s.a_conn;
+        let answered = OfferAnswered {
+            round_trip_ms: Timestamp::from_millis(s.record.created_at).age_ms(now),
+            answer_sent: reply.accept && s.parked.is_some(),
+        };
         let message = if reply.accept {
             s.record.state = SessionState::Active;
             match s.parked.take() {
@@ -904,7 +963,7 @@ impl Core {
         self.effects.persist.push(Persist::Session(record));
         self.effects.send.push((a_conn, message));
         self.resolve_pending(&from);
-        Ok(())
+        Ok(answered)
     }
 
     /// A side reports that a session ended, with bytes and an optional end-to-end measurement.
@@ -1187,29 +1246,15 @@ impl Core {
             .map(|(id, _)| *id)
             .collect();
         for id in expired {
-            let Some(s) = self.sessions.get_mut(&id) else {
-                continue;
-            };
-            s.deadline = None;
-            s.parked = None;
-            s.record.state = SessionState::Refused;
-            s.record.ended_at = Some(now.millis());
-            self.selector
-                .release_assignment(&s.record.relay, Timestamp::from_millis(s.record.created_at));
-            let (a_conn, request_id, record) = (s.a_conn, s.request_id, s.record.clone());
-            self.effects.send.push((
-                a_conn,
-                BrokerMessage::Error(
-                    err(
-                        ErrorCode::Timeout,
-                        format!("peer {} did not answer the offer in time", record.to),
-                    )
-                    .for_request(request_id),
-                ),
-            ));
-            let from = record.from.clone();
-            self.effects.persist.push(Persist::Session(record));
-            self.resolve_pending(&from);
+            if let Some(s) = self.sessions.get(&id) {
+                let (a_conn, request_id) = (s.a_conn, s.request_id);
+                let message = format!("peer {} did not answer the offer in time", s.record.to);
+                self.effects.send.push((
+                    a_conn,
+                    BrokerMessage::Error(err(ErrorCode::Timeout, message).for_request(request_id)),
+                ));
+            }
+            self.withdraw_offer(id, WithdrawReason::Timeout, now);
         }
         let (interval, stale) = (self.schedule.interval_ms, self.schedule.stale_after_ms);
         for p in self.peers.values_mut() {
@@ -1297,6 +1342,7 @@ impl Core {
             relays_online: self.relays.values().filter(|r| r.conn.is_some()).count(),
             live_sessions: self.sessions.len(),
             pending_offers: self.pending_offers,
+            websockets_open: 0,
         }
     }
 }

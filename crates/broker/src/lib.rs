@@ -24,6 +24,7 @@ pub mod keys;
 pub mod metrics;
 pub mod openapi;
 pub mod server;
+pub mod ws;
 
 pub use config::BrokerConfig;
 pub use server::{start, RunningBroker, StartError};

@@ -36,7 +36,10 @@ pub fn document() -> Value {
                 "summary": format!("WebSocket for {who}: hello, challenge, auth, then messages (see steelyard_proto::api)"),
                 "responses": {
                     "101": { "description": "switching to the WebSocket protocol" },
-                    "429": error_response("too many unauthenticated connections from this address")
+                    "400": error_response("not a WebSocket upgrade"),
+                    "426": error_response("a WebSocket version other than 13"),
+                    "429": error_response("too many unauthenticated connections from this address"),
+                    "503": error_response("limits.max_connections WebSockets are open; retry after Retry-After seconds")
                 }
             }
         })

@@ -1,5 +1,6 @@
 //! The broker's I/O layer: HTTP (plain or rustls TLS) with axum, one WebSocket per agent and
-//! per relay, the admin API, a timer for the core's periodic work, and a writer thread that
+//! per relay (framed by [`crate::ws`], with a reader task and a writer task draining the
+//! connection's send queue), the admin API, a timer for the core's periodic work, and a writer thread that
 //! persists records to the store in batches.
 //!
 //! The logic lives in [`Core`]; this module moves bytes, reads the clock, draws random
@@ -8,18 +9,15 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use steelyard_proto::api::{
     self, AgentHello, AgentMessage, ApiError, AuthProof, BrokerMessage, Challenge, ConnectAnswer,
@@ -30,7 +28,7 @@ use steelyard_proto::hex;
 use steelyard_proto::ticket::{SessionId, TicketSigner};
 use steelyard_select::{Policy, Timestamp};
 use steelyard_store::{MemoryStore, SessionRecord, SqliteStore, Store};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{BrokerConfig, StoreKind};
@@ -38,6 +36,7 @@ use crate::core::{no_choice_error, ConnId, Core, Effects, Persist};
 use crate::keys;
 use crate::metrics::Metrics;
 use crate::openapi;
+use crate::ws;
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +66,78 @@ pub enum StartError {
     },
 }
 
+/// What a connection's writer sends.
 enum Out {
     Text(String),
-    Close(ApiError),
+    Pong(Box<[u8]>),
+    Close(Box<ApiError>),
+}
+
+/// Why a message could not be queued.
+enum QueueError {
+    /// `limits.send_queue` messages are waiting: the client is too slow.
+    Full,
+    /// The connection is closing.
+    Closed,
+}
+
+/// One connection's send queue, drained by its writer task. Bounded by `limits.send_queue`;
+/// closed by the broker (slow consumer, close, shutdown) or by the writer when the socket
+/// fails. It holds no allocation while empty: a tokio mpsc channel costs about 1.5 KiB per
+/// idle connection (cache-padded fields and a 32-slot block), a quarter of the broker's
+/// memory per connected peer.
+#[derive(Default)]
+struct SendQueue {
+    state: Mutex<(std::collections::VecDeque<Out>, bool)>,
+    ready: Notify,
+}
+
+impl SendQueue {
+    fn push(&self, out: Out, max: usize) -> Result<(), QueueError> {
+        let mut s = lock(&self.state);
+        if s.1 {
+            return Err(QueueError::Closed);
+        }
+        if s.0.len() >= max {
+            return Err(QueueError::Full);
+        }
+        s.0.push_back(out);
+        drop(s);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// No more messages; the writer ends after sending what is queued.
+    fn close(&self) {
+        lock(&self.state).1 = true;
+        self.ready.notify_one();
+    }
+
+    /// The next message; `None` once closed and drained.
+    async fn pop(&self) -> Option<Out> {
+        loop {
+            {
+                let mut s = lock(&self.state);
+                if let Some(out) = s.0.pop_front() {
+                    if s.0.is_empty() && s.0.capacity() > 4 {
+                        // A burst (the relay map) is over: give its memory back.
+                        s.0 = Default::default();
+                    }
+                    return Some(out);
+                }
+                if s.1 {
+                    return None;
+                }
+            }
+            // `notify_one` stores a permit when nobody waits, so no wake-up is lost here.
+            self.ready.notified().await;
+        }
+    }
 }
 
 struct Shared {
     core: Mutex<Core>,
-    conns: Mutex<HashMap<ConnId, mpsc::Sender<Out>>>,
+    conns: Mutex<HashMap<ConnId, Arc<SendQueue>>>,
     next_conn: AtomicU64,
     signer: TicketSigner,
     keys: Vec<PublicKeyInfo>,
@@ -83,6 +146,8 @@ struct Shared {
     store: Arc<dyn Store>,
     outbox: Arc<Outbox>,
     unauth: Mutex<HashMap<IpAddr, u32>>,
+    /// Open WebSockets (agents, relays, not yet authenticated), against `limits.max_connections`.
+    open: AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -162,18 +227,23 @@ impl Shared {
     }
 
     fn send_text(&self, conn: ConnId, text: String) {
+        self.send_out(conn, Out::Text(text));
+    }
+
+    fn send_out(&self, conn: ConnId, out: Out) {
         let mut conns = lock(&self.conns);
-        if let Some(tx) = conns.get(&conn) {
-            match tx.try_send(Out::Text(text)) {
+        if let Some(queue) = conns.get(&conn) {
+            match queue.push(out, self.config.limits.send_queue) {
                 Ok(()) => {
                     self.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    // Too slow to keep up: dropping the only sender ends its writer.
+                Err(QueueError::Full) => {
+                    // Too slow to keep up: its writer sends what is queued, then closes.
                     self.metrics.slow_consumers.fetch_add(1, Ordering::Relaxed);
+                    queue.close();
                     conns.remove(&conn);
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(QueueError::Closed) => {
                     conns.remove(&conn);
                 }
             }
@@ -186,19 +256,19 @@ impl Shared {
     }
 
     fn close(&self, conn: ConnId, error: ApiError) {
-        if let Some(tx) = lock(&self.conns).remove(&conn) {
-            let _ = tx.try_send(Out::Close(error));
+        if let Some(queue) = lock(&self.conns).remove(&conn) {
+            let _ = queue.push(Out::Close(Box::new(error)), usize::MAX);
+            queue.close();
         }
     }
 
-    fn new_conn(&self) -> (ConnId, mpsc::Sender<Out>, mpsc::Receiver<Out>) {
+    fn new_conn(&self) -> (ConnId, Arc<SendQueue>) {
         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::channel(self.config.limits.send_queue);
-        (id, tx, rx)
+        (id, Arc::default())
     }
 
-    fn attach(&self, conn: ConnId, tx: mpsc::Sender<Out>) {
-        lock(&self.conns).insert(conn, tx);
+    fn attach(&self, conn: ConnId, queue: Arc<SendQueue>) {
+        lock(&self.conns).insert(conn, queue);
     }
 }
 
@@ -348,6 +418,7 @@ pub async fn start(config: BrokerConfig) -> Result<RunningBroker, StartError> {
         store: store.clone(),
         outbox: outbox.clone(),
         unauth: Mutex::new(HashMap::new()),
+        open: AtomicUsize::new(0),
     });
     // Effects queued while building the core (config relays to persist).
     shared.with_core(|_| ());
@@ -505,12 +576,13 @@ async fn accept_loop(
                     tower::ServiceExt::oneshot(router.clone(), req)
                 },
             );
-            let builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // HTTP/1.1 only (TLS offers only http/1.1 by ALPN): WebSockets need it, and the
+            // upgraded connection is then the bare stream, which `split` can take apart.
+            let builder = hyper::server::conn::http1::Builder::new();
             match tls {
                 None => {
                     let io = hyper_util::rt::TokioIo::new(tcp);
-                    let _ = builder.serve_connection_with_upgrades(io, service).await;
+                    let _ = builder.serve_connection(io, service).with_upgrades().await;
                 }
                 Some(acceptor) => {
                     let handshake =
@@ -518,7 +590,7 @@ async fn accept_loop(
                     match handshake {
                         Ok(Ok(stream)) => {
                             let io = hyper_util::rt::TokioIo::new(stream);
-                            let _ = builder.serve_connection_with_upgrades(io, service).await;
+                            let _ = builder.serve_connection(io, service).with_upgrades().await;
                         }
                         _ => {
                             tracing::debug!(%peer, "TLS handshake failed");
@@ -596,14 +668,22 @@ async fn get_keys(State(shared): State<Arc<Shared>>) -> Response {
     Json(serde_json::json!({ "keys": shared.keys })).into_response()
 }
 
+impl Shared {
+    fn gauges(&self) -> crate::core::Gauges {
+        let mut g = lock(&self.core).gauges();
+        g.websockets_open = self.open.load(Ordering::Relaxed);
+        g
+    }
+}
+
 async fn health(State(shared): State<Arc<Shared>>) -> Response {
-    let g = lock(&shared.core).gauges();
+    let g = shared.gauges();
     Json(serde_json::json!({ "status": "ok", "store": shared.store.backend(), "gauges": g }))
         .into_response()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    let g = lock(&shared.core).gauges();
+    let g = shared.gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         shared.metrics.render(&g),
@@ -798,6 +878,49 @@ impl Drop for UnauthGuard {
     }
 }
 
+/// One open WebSocket counted against `limits.max_connections`, from the upgrade until its
+/// task ends (or the upgrade fails).
+struct OpenSlot(Arc<Shared>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Takes a slot of the total connection limit, or answers 503 with what to do.
+#[allow(clippy::result_large_err)]
+fn open_slot(shared: &Arc<Shared>) -> Result<OpenSlot, Response> {
+    let max = shared.config.limits.max_connections;
+    let taken = shared
+        .open
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        });
+    match taken {
+        Ok(_) => Ok(OpenSlot(shared.clone())),
+        Err(n) => {
+            shared
+                .metrics
+                .connection_limit
+                .fetch_add(1, Ordering::Relaxed);
+            shared.metrics.error(ErrorCode::TooManyConnections);
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                Json(ApiError::new(
+                    ErrorCode::TooManyConnections,
+                    format!(
+                        "the broker has {n} open WebSockets, its limit (limits.max_connections = \
+                         {max}); retry later, or ask the operator to raise the limit or add a broker"
+                    ),
+                )),
+            )
+                .into_response())
+        }
+    }
+}
+
 #[allow(clippy::result_large_err)]
 fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<UnauthGuard, Response> {
     let mut map = lock(&shared.unauth);
@@ -821,80 +944,143 @@ fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Result<UnauthGuard, Response> {
     })
 }
 
-fn configure(ws: WebSocketUpgrade, shared: &Shared) -> WebSocketUpgrade {
-    // The hard limit is twice the message limit: messages in between get a clear `too_large`
-    // error; larger ones end the connection.
-    let hard = shared.config.limits.max_message_bytes * 2;
-    ws.max_message_size(hard)
-        .max_frame_size(hard)
-        .read_buffer_size(4096)
-        .write_buffer_size(0)
-}
-
 async fn agent_ws(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    req: Request,
 ) -> Response {
-    upgrade(shared, addr, ws, Role::Agent)
+    upgrade(shared, addr, req, Role::Agent)
 }
 
 async fn relay_ws(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
-    ws: WebSocketUpgrade,
+    req: Request,
 ) -> Response {
-    upgrade(shared, addr, ws, Role::Relay)
+    upgrade(shared, addr, req, Role::Relay)
 }
 
-/// Admits a WebSocket from `addr` (per-address limit) and runs it in `role`.
-fn upgrade(shared: Arc<Shared>, addr: SocketAddr, ws: WebSocketUpgrade, role: Role) -> Response {
+/// Checks the WebSocket upgrade, admits it (total and per-address limits), answers 101 and
+/// runs the socket in `role` once hyper hands over the connection.
+fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) -> Response {
+    let accept = match ws::check_upgrade(req.headers()) {
+        Ok(a) => a,
+        Err(ws::UpgradeError::Version) => {
+            return (
+                StatusCode::UPGRADE_REQUIRED,
+                [(header::SEC_WEBSOCKET_VERSION, "13")],
+                Json(ApiError::new(
+                    ErrorCode::BadMessage,
+                    "this broker speaks WebSocket version 13 only",
+                )),
+            )
+                .into_response()
+        }
+        Err(e) => {
+            let what = match e {
+                ws::UpgradeError::Key => "the upgrade has no usable Sec-WebSocket-Key",
+                _ => {
+                    "this endpoint is a WebSocket: send a GET with Connection: Upgrade and \
+                      Upgrade: websocket"
+                }
+            };
+            return http_error(StatusCode::BAD_REQUEST, ErrorCode::BadMessage, what);
+        }
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return http_error(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadMessage,
+            "this connection cannot be upgraded (HTTP/1.1 is required for WebSockets)",
+        );
+    };
+    let slot = match open_slot(&shared) {
+        Ok(s) => s,
+        Err(r) => return r,
+    };
     let guard = match admit(&shared, addr.ip()) {
         Ok(g) => g,
         Err(r) => return r,
     };
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
-    configure(ws, &shared)
-        .on_upgrade(move |socket| run_socket(shared, socket, guard, role))
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role).await,
+            Err(e) => tracing::debug!(%addr, error = %e, "WebSocket upgrade failed"),
+        }
+        drop(slot);
+    });
+    (
+        StatusCode::SWITCHING_PROTOCOLS,
+        [
+            (header::CONNECTION, "upgrade"),
+            (header::UPGRADE, "websocket"),
+            (header::SEC_WEBSOCKET_ACCEPT, accept.as_str()),
+        ],
+    )
         .into_response()
 }
 
-type Sink = SplitSink<WebSocket, Message>;
-type Stream = SplitStream<WebSocket>;
+type ReadIo = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
+type Sink = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
+type Stream = ws::Reader<ReadIo>;
+
+/// Splits an upgraded connection for its reader and writer tasks. Plain TCP (the common case
+/// behind a TLS-terminating proxy, and the benchmark) is split without a lock between the
+/// halves; TLS streams share one.
+fn split(upgraded: hyper::upgrade::Upgraded) -> (ReadIo, Sink) {
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncReadExt;
+    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            // Bytes hyper read past the upgrade request come first.
+            let read: ReadIo = if parts.read_buf.is_empty() {
+                Box::new(read)
+            } else {
+                Box::new(std::io::Cursor::new(parts.read_buf).chain(read))
+            };
+            (read, Box::new(write))
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            (Box::new(read), Box::new(write))
+        }
+    }
+}
 
 enum Hello {
     Agent(AgentHello),
     Relay(RelayHello),
 }
 
-/// Reads the next text message; `Err` carries the error to send before closing.
-async fn next_text(stream: &mut Stream) -> Result<Option<String>, ApiError> {
+/// Reads the next text message, handing pings to `pong`; `Err` carries the error to send
+/// before closing.
+async fn next_text(
+    stream: &mut Stream,
+    mut pong: impl FnMut(Box<[u8]>),
+) -> Result<Option<String>, ApiError> {
     loop {
         match stream.next().await {
-            None | Some(Ok(Message::Close(_))) => return Ok(None),
-            Some(Ok(Message::Text(t))) => return Ok(Some(t.to_string())),
-            Some(Ok(Message::Binary(_))) => {
+            Ok(None) | Err(ws::ReadError::Io(_)) => return Ok(None),
+            Ok(Some(ws::Incoming::Text(t))) => return Ok(Some(t)),
+            Ok(Some(ws::Incoming::Ping(p))) => pong(p),
+            Ok(Some(ws::Incoming::Binary)) => {
                 return Err(ApiError::new(
                     ErrorCode::BadMessage,
                     "binary frames are not part of the API: send JSON text frames",
                 ))
             }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => {
-                let text = e.to_string();
-                let code = if text.contains("too long") || text.contains("Space limit") {
-                    ErrorCode::TooLarge
-                } else {
-                    ErrorCode::BadMessage
-                };
-                return Err(ApiError::new(code, format!("WebSocket error: {text}")));
+            Err(e @ ws::ReadError::TooLarge { .. }) => {
+                return Err(ApiError::new(ErrorCode::TooLarge, e.to_string()))
             }
+            Err(e) => return Err(ApiError::new(ErrorCode::BadMessage, e.to_string())),
         }
     }
 }
 
 async fn send_direct(sink: &mut Sink, message: &BrokerMessage) -> bool {
-    sink.send(Message::Text(api::encode(message).into()))
+    ws::write_frame(sink, ws::TEXT, api::encode(message).as_bytes())
         .await
         .is_ok()
 }
@@ -902,7 +1088,7 @@ async fn send_direct(sink: &mut Sink, message: &BrokerMessage) -> bool {
 async fn fail(shared: &Shared, sink: &mut Sink, error: ApiError) {
     shared.metrics.error(error.code);
     let _ = send_direct(sink, &BrokerMessage::Error(error)).await;
-    let _ = sink.send(Message::Close(None)).await;
+    let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
 }
 
 /// Hello → challenge → auth. Returns the hello of an authenticated client.
@@ -913,7 +1099,8 @@ async fn handshake(
     role: Role,
 ) -> Result<(Hello, bool), Option<ApiError>> {
     let max = shared.config.limits.max_message_bytes;
-    let text = next_text(stream).await?.ok_or(None)?;
+    // Pings before authentication go unanswered: the client has seconds to authenticate.
+    let text = next_text(stream, drop).await?.ok_or(None)?;
     let hello = match role {
         Role::Agent => match api::decode_agent(&text, max)? {
             AgentMessage::Hello(h) => Hello::Agent(h),
@@ -935,7 +1122,7 @@ async fn handshake(
     {
         return Err(None);
     }
-    let text = next_text(stream).await?.ok_or(None)?;
+    let text = next_text(stream, drop).await?.ok_or(None)?;
     let proof: AuthProof = match role {
         Role::Agent => match api::decode_agent(&text, max)? {
             AgentMessage::Auth(p) => p,
@@ -982,12 +1169,27 @@ impl Bucket {
     }
 }
 
-async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, role: Role) {
-    let (mut sink, mut stream) = socket.split();
+/// The largest message accepted before authentication (a hello or an auth proof is well
+/// under 1 KiB).
+const PRE_AUTH_MAX_MESSAGE: usize = 8 * 1024;
+
+async fn run_socket(
+    shared: Arc<Shared>,
+    (read, mut sink): (ReadIo, Sink),
+    guard: UnauthGuard,
+    role: Role,
+) {
     let limits = &shared.config.limits;
+    // The hard limit is twice the message limit: messages in between get a clear `too_large`
+    // error; larger ones end the connection.
+    let hard = limits.max_message_bytes * 2;
+    // Before authentication only a hello and an auth proof are expected: small messages.
+    let mut stream = ws::Reader::new(read, hard.min(PRE_AUTH_MAX_MESSAGE));
+    // Boxed so that the handshake's state is freed once it is done instead of sizing this
+    // task for the rest of the connection's life.
     let auth = tokio::time::timeout(
         Duration::from_secs(limits.auth_timeout_secs),
-        handshake(&shared, &mut sink, &mut stream, role),
+        Box::pin(handshake(&shared, &mut sink, &mut stream, role)),
     )
     .await;
     let (hello, enrolled) = match auth {
@@ -1007,10 +1209,12 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
         }
     };
     drop(guard);
+    stream.set_max(hard);
     shared.metrics.auth_ok.fetch_add(1, Ordering::Relaxed);
     // The welcome (and the rest of the relay map) is queued before the connection is attached
     // and marked online, so nothing can overtake it.
-    let (conn, tx, mut rx) = shared.new_conn();
+    let (conn, queue) = shared.new_conn();
+    let max = limits.send_queue;
     match &hello {
         Hello::Agent(h) => {
             if enrolled {
@@ -1019,11 +1223,14 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
             let keys = shared.keys.clone();
             shared.with_core(|c| {
                 let welcome = c.welcome(&h.peer_id, enrolled, keys);
-                let _ = tx.try_send(Out::Text(api::encode(&BrokerMessage::Welcome(welcome))));
+                let _ = queue.push(
+                    Out::Text(api::encode(&BrokerMessage::Welcome(welcome))),
+                    max,
+                );
                 for page in c.relay_map_encoded().iter().skip(1) {
-                    let _ = tx.try_send(Out::Text(page.clone()));
+                    let _ = queue.push(Out::Text(page.clone()), max);
                 }
-                shared.attach(conn, tx);
+                shared.attach(conn, queue.clone());
                 c.agent_online(&h.peer_id, conn, h.auto_accept, now());
             });
         }
@@ -1034,32 +1241,45 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
                 load_interval_ms: shared.config.schedule.relay_load_interval_ms,
                 ticket_keys: shared.keys.clone(),
             });
-            let _ = tx.try_send(Out::Text(api::encode(&welcome)));
+            let _ = queue.push(Out::Text(api::encode(&welcome)), max);
             shared.with_core(|c| {
-                shared.attach(conn, tx);
+                shared.attach(conn, queue.clone());
                 c.relay_online(&h.relay_id, conn);
             });
         }
     }
+    // Only the id outlives the welcome: the connection's task stays small.
+    let (role, id): (Role, Box<str>) = match hello {
+        Hello::Agent(h) => (Role::Agent, h.peer_id.into()),
+        Hello::Relay(h) => (Role::Relay, h.relay_id.into()),
+    };
 
-    let writer = tokio::spawn(async move {
-        while let Some(out) = rx.recv().await {
-            match out {
-                Out::Text(t) => {
-                    if sink.send(Message::Text(t.into())).await.is_err() {
-                        return;
+    let writer = {
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let open = async {
+                while let Some(out) = queue.pop().await {
+                    let written = match out {
+                        Out::Text(t) => ws::write_frame(&mut sink, ws::TEXT, t.as_bytes()).await,
+                        Out::Pong(p) => ws::write_frame(&mut sink, ws::PONG, &p).await,
+                        Out::Close(e) => {
+                            let _ = send_direct(&mut sink, &BrokerMessage::Error(*e)).await;
+                            break;
+                        }
+                    };
+                    if written.is_err() {
+                        return false;
                     }
                 }
-                Out::Close(e) => {
-                    let _ = sink
-                        .send(Message::Text(api::encode(&BrokerMessage::Error(e)).into()))
-                        .await;
-                    break;
-                }
+                true
             }
-        }
-        let _ = sink.send(Message::Close(None)).await;
-    });
+            .await;
+            queue.close();
+            if open {
+                let _ = ws::write_frame(&mut sink, ws::CLOSE, &[]).await;
+            }
+        })
+    };
 
     let mut bucket = Bucket {
         tokens: f64::from(limits.message_burst.max(1)),
@@ -1069,7 +1289,7 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
     };
     let reader = async {
         loop {
-            let text = match next_text(&mut stream).await {
+            let text = match next_text(&mut stream, |p| shared.send_out(conn, Out::Pong(p))).await {
                 Ok(Some(t)) => t,
                 Ok(None) => break,
                 Err(e) => {
@@ -1092,9 +1312,9 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
                 );
                 continue;
             }
-            match &hello {
-                Hello::Agent(h) => handle_agent(&shared, conn, &h.peer_id, &text),
-                Hello::Relay(h) => handle_relay(&shared, conn, &h.relay_id, &text),
+            match role {
+                Role::Agent => handle_agent(&shared, conn, &id, &text),
+                Role::Relay => handle_relay(&shared, conn, &id, &text),
             }
         }
     };
@@ -1104,9 +1324,10 @@ async fn run_socket(shared: Arc<Shared>, socket: WebSocket, guard: UnauthGuard, 
         _ = &mut writer => true,
     };
     lock(&shared.conns).remove(&conn);
-    match &hello {
-        Hello::Agent(h) => shared.with_core(|c| c.agent_offline(&h.peer_id, conn)),
-        Hello::Relay(h) => shared.with_core(|c| c.relay_offline(&h.relay_id, conn)),
+    queue.close();
+    match role {
+        Role::Agent => shared.with_core(|c| c.agent_offline(&id, conn, now())),
+        Role::Relay => shared.with_core(|c| c.relay_offline(&id, conn)),
     }
     // Let the writer flush what is queued (a final error) before the socket drops.
     if !writer_done {
@@ -1138,8 +1359,15 @@ fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {
         },
         AgentMessage::Connect(req) => connect(shared, conn, peer, &req, t),
         AgentMessage::OfferReply(reply) => {
-            if let Err(e) = shared.with_core(|c| c.offer_reply(peer, &reply, t)) {
-                shared.send_error(conn, e);
+            match shared.with_core(|c| c.offer_reply(peer, &reply, t)) {
+                Ok(answered) => {
+                    let d = Duration::from_millis(answered.round_trip_ms);
+                    shared.metrics.offer_round_trip.observe(d);
+                    if answered.answer_sent {
+                        shared.metrics.connect_latency.observe(d);
+                    }
+                }
+                Err(e) => shared.send_error(conn, e),
             }
         }
         AgentMessage::SessionEnded(ended) => {
@@ -1151,6 +1379,7 @@ fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {
 }
 
 fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: Timestamp) {
+    let started = Instant::now();
     let session_id = SessionId(random());
     let plan = match shared.with_core(|c| c.connect(peer, conn, req, session_id, t)) {
         Ok(plan) => plan,
@@ -1201,6 +1430,7 @@ fn connect(shared: &Shared, conn: ConnId, peer: &str, req: &ConnectRequest, t: T
         shared.send(plan.b_conn, &BrokerMessage::Offer(offer));
         shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
         shared.send(conn, &BrokerMessage::ConnectAnswer(answer));
+        shared.metrics.connect_latency.observe(started.elapsed());
     }
 }
 
@@ -1220,5 +1450,64 @@ fn handle_relay(shared: &Shared, conn: ConnId, relay: &str, text: &str) {
             }
             Err(e) => shared.send_error(conn, e),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(out: Option<Out>) -> Option<String> {
+        match out? {
+            Out::Text(t) => Some(t),
+            _ => panic!("not text"),
+        }
+    }
+
+    #[tokio::test]
+    async fn send_queue_is_bounded_drains_after_close_and_gives_memory_back() {
+        let q = SendQueue::default();
+        for i in 0..10 {
+            assert!(q.push(Out::Text(i.to_string()), 10).is_ok());
+        }
+        assert!(matches!(
+            q.push(Out::Text("x".into()), 10),
+            Err(QueueError::Full)
+        ));
+        for i in 0..10 {
+            assert_eq!(text(q.pop().await), Some(i.to_string()));
+        }
+        assert_eq!(
+            lock(&q.state).0.capacity(),
+            0,
+            "an idle queue holds no allocation after a burst"
+        );
+        q.push(Out::Text("last".into()), 10).ok().unwrap();
+        q.close();
+        assert!(matches!(
+            q.push(Out::Text("late".into()), 10),
+            Err(QueueError::Closed)
+        ));
+        assert_eq!(text(q.pop().await).as_deref(), Some("last"));
+        assert!(q.pop().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_is_woken_by_push_and_by_close() {
+        let q = Arc::new(SendQueue::default());
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { (text(q.pop().await), q.pop().await.is_none()) }
+        });
+        tokio::task::yield_now().await;
+        q.push(Out::Text("hi".into()), 10).ok().unwrap();
+        tokio::task::yield_now().await;
+        q.close();
+        let (first, ended) = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        assert_eq!(first.as_deref(), Some("hi"));
+        assert!(ended);
     }
 }

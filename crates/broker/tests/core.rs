@@ -3,10 +3,10 @@
 
 use ed25519_dalek::SigningKey;
 use steelyard_broker::config::{BrokerConfig, RelayConfig, TokenConfig};
-use steelyard_broker::core::{Core, Persist};
+use steelyard_broker::core::{Core, Effects, OfferAnswered, Persist};
 use steelyard_proto::api::{
     self, AgentHello, AgentReport, BrokerMessage, ConnectRequest, ErrorCode, LoadReport,
-    OfferReply, PathReport, Role, SessionEnded, TransportKind, API_VERSION,
+    OfferReply, PathReport, Role, SessionEnded, TransportKind, WithdrawReason, API_VERSION,
 };
 use steelyard_proto::hex;
 use steelyard_proto::ticket::{KeyId, SessionId, Side};
@@ -315,7 +315,7 @@ fn connect_errors_are_clear() {
     assert_eq!(code(&mut c, "nobody"), ErrorCode::UnknownPeer);
     assert_eq!(code(&mut c, "alice"), ErrorCode::BadMessage);
     assert_eq!(code(&mut c, "bad id!"), ErrorCode::BadMessage);
-    c.agent_offline("bob", 2);
+    c.agent_offline("bob", 2, Timestamp(T0));
     assert_eq!(code(&mut c, "bob"), ErrorCode::PeerOffline);
     c.agent_online("bob", 3, true, Timestamp(T0));
     c.agent_report(
@@ -383,7 +383,13 @@ fn offers_wait_for_b_and_time_out() {
             .code,
         ErrorCode::UnknownSession
     );
-    c.offer_reply("bob", &reply, Timestamp(T0)).unwrap();
+    assert_eq!(
+        c.offer_reply("bob", &reply, Timestamp(T0 + 40)).unwrap(),
+        OfferAnswered {
+            round_trip_ms: 40,
+            answer_sent: true
+        }
+    );
     let effects = c.take_effects();
     assert!(matches!(&effects.send[..], [(1, BrokerMessage::ConnectAnswer(a))] if *a == answer));
     assert_eq!(c.gauges().pending_offers, 0);
@@ -397,7 +403,11 @@ fn offers_wait_for_b_and_time_out() {
         reason: Some("busy".into()),
     };
     assert_eq!(pending(&c, T0), 2, "the accepted and the offered session");
-    c.offer_reply("bob", &refuse, Timestamp(T0)).unwrap();
+    assert!(
+        !c.offer_reply("bob", &refuse, Timestamp(T0))
+            .unwrap()
+            .answer_sent
+    );
     assert_eq!(
         pending(&c, T0),
         1,
@@ -430,6 +440,28 @@ fn offers_wait_for_b_and_time_out() {
         })
         .count();
     assert_eq!(timeouts, 2);
+    let withdrawn = |effects: &Effects, reason| {
+        let mut ids: Vec<String> = effects
+            .send
+            .iter()
+            .filter_map(|(conn, m)| match m {
+                BrokerMessage::OfferWithdrawn(w) if *conn == 2 && w.reason == reason => {
+                    Some(w.session_id.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        withdrawn(&effects, WithdrawReason::Timeout),
+        [
+            SessionId([3; 16]).to_string(),
+            SessionId([4; 16]).to_string()
+        ],
+        "B is told that the timed-out offers no longer stand"
+    );
     assert_eq!(
         pending(&c, T0 + 600),
         1,
@@ -438,6 +470,22 @@ fn offers_wait_for_b_and_time_out() {
     assert!(c
         .connect("alice", 1, &req, SessionId([6; 16]), Timestamp(T0 + 600))
         .is_ok());
+
+    // A goes away with an offer in flight: B is told at once, the relay's load released.
+    c.take_effects();
+    c.agent_offline("alice", 1, Timestamp(T0 + 700));
+    let effects = c.take_effects();
+    assert_eq!(
+        withdrawn(&effects, WithdrawReason::InitiatorGone),
+        [SessionId([6; 16]).to_string()]
+    );
+    assert_eq!(c.gauges().pending_offers, 0);
+    assert_eq!(pending(&c, T0 + 700), 1);
+    c.tick(Timestamp(T0 + 10_000));
+    assert!(
+        withdrawn(&c.take_effects(), WithdrawReason::Timeout).is_empty(),
+        "a withdrawn offer does not time out later"
+    );
 }
 
 #[test]

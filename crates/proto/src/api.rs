@@ -359,6 +359,9 @@ pub enum BrokerMessage {
     ConnectAnswer(ConnectAnswer),
     /// Another peer wants to connect.
     Offer(Offer),
+    /// An offer sent earlier no longer stands: the initiator will not come. Drop whatever
+    /// was prepared for it (ticket, tunnel to the relay).
+    OfferWithdrawn(OfferWithdrawn),
     /// Something was refused or went wrong.
     Error(ApiError),
 }
@@ -550,6 +553,27 @@ pub struct Offer {
     /// broker vouches for it. Empty from brokers that predate this field.
     #[serde(default)]
     pub peer_key: String,
+}
+
+/// The broker withdrew an [`Offer`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OfferWithdrawn {
+    /// The offer's session id.
+    pub session_id: String,
+    /// Why.
+    pub reason: WithdrawReason,
+}
+
+/// Why an offer was withdrawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithdrawReason {
+    /// The acceptor did not answer within the broker's offer timeout; the initiator was told
+    /// `timeout`.
+    Timeout,
+    /// The initiator disconnected from the broker before the acceptor answered.
+    InitiatorGone,
 }
 
 /// What went wrong. Codes are stable; messages are for people.
@@ -871,6 +895,18 @@ mod tests {
         });
         assert!(encode(&req).contains(r#""service":"ssh""#));
         assert_eq!(decode_agent(&encode(&req), MAX_MESSAGE_BYTES).unwrap(), req);
+    }
+
+    #[test]
+    fn offer_withdrawn_round_trips() {
+        let m = BrokerMessage::OfferWithdrawn(OfferWithdrawn {
+            session_id: "ab".repeat(16),
+            reason: WithdrawReason::InitiatorGone,
+        });
+        let text = encode(&m);
+        assert!(text.contains(r#""type":"offer_withdrawn""#), "{text}");
+        assert!(text.contains(r#""reason":"initiator_gone""#), "{text}");
+        assert_eq!(decode_broker(&text, MAX_MESSAGE_BYTES).unwrap(), m);
     }
 
     #[test]
