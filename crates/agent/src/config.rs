@@ -23,6 +23,10 @@
 //! max_replay_kib = 1024                      # unacknowledged bytes kept per tunnel direction
 //! max_resumes = 8                            # relay failures one tunnel survives
 //! timeout_ms = 10000                         # time to find a new relay before giving up
+//! keepalive_ms = 1000                        # an idle tunnel sends a keepalive this often
+//! dead_after_ms = 4000                       # a tunnel silent this long has failed: resume
+//! relay_connect_ms = 2000                    # a relay must accept and answer within this
+//! handshake_ms = 5000                        # the peer's Noise handshake within this
 //! ```
 //!
 //! Unknown keys are errors. What this module does not do: read flags or the environment
@@ -86,6 +90,16 @@ pub struct ResumeSettings {
     /// How long to keep trying to resume after a failure, ms, 100..=600000; then the tunnel
     /// closes with an error.
     pub timeout_ms: u64,
+    /// A tunnel that sent no frame for this long sends a keepalive, ms, 50..=`dead_after_ms/2`.
+    pub keepalive_ms: u64,
+    /// A tunnel that received no frame for this long has failed (its relay or path went
+    /// silent) and resumes elsewhere, ms, up to 3600000.
+    pub dead_after_ms: u64,
+    /// A relay must accept the TCP connection and answer the ticket within this, ms,
+    /// 100..=60000; otherwise the agent moves on to another relay.
+    pub relay_connect_ms: u64,
+    /// The peer's Noise handshake through the relay must finish within this, ms, 100..=60000.
+    pub handshake_ms: u64,
 }
 
 impl Default for ResumeSettings {
@@ -94,6 +108,10 @@ impl Default for ResumeSettings {
             max_replay_kib: 1024,
             max_resumes: 8,
             timeout_ms: 10_000,
+            keepalive_ms: 1000,
+            dead_after_ms: 4000,
+            relay_connect_ms: 2000,
+            handshake_ms: 5000,
         }
     }
 }
@@ -207,6 +225,24 @@ impl AgentConfig {
                 r.timeout_ms
             ));
         }
+        if r.keepalive_ms < 50
+            || r.keepalive_ms > r.dead_after_ms / 2
+            || r.dead_after_ms > 3_600_000
+        {
+            return bad(format!(
+                "resume.keepalive_ms = {} and resume.dead_after_ms = {} must satisfy \
+                 50 <= keepalive_ms <= dead_after_ms/2 and dead_after_ms <= 3600000",
+                r.keepalive_ms, r.dead_after_ms
+            ));
+        }
+        for (key, v) in [
+            ("relay_connect_ms", r.relay_connect_ms),
+            ("handshake_ms", r.handshake_ms),
+        ] {
+            if !(100..=60_000).contains(&v) {
+                return bad(format!("resume.{key} = {v} must be 100..=60000"));
+            }
+        }
         for p in &self.offers.allow {
             if !is_valid_id(p) {
                 return bad(format!("offers.allow: {p:?} is not a peer id"));
@@ -261,6 +297,15 @@ allow = ["a"]
         let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nmax_replay_kib = 1\n"), "t")
             .unwrap_err();
         assert!(e.to_string().contains("max_replay_kib = 1 must be"), "{e}");
+        let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nkeepalive_ms = 3000\n"), "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("keepalive_ms = 3000"), "{e}");
+        let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nrelay_connect_ms = 5\n"), "t")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("relay_connect_ms = 5 must be"),
+            "{e}"
+        );
         assert_eq!(
             broker_ws_url("https://b.example:7443/").as_deref(),
             Some("wss://b.example:7443/v1/agent")

@@ -189,7 +189,8 @@ pub fn build(test: &str, handicap: impl Fn(usize) -> (LinkSpec, usize) + 'static
 }
 
 impl Net {
-    /// Starts `steelyard <args>` inside `node`, logging stderr to `<dir>/<name>.log`, and waits
+    /// Starts `steelyard <args>` inside `node`, logging stderr to `<dir>/<name>.log` (warnings,
+    /// and the agent daemon's info lines: tunnels resumed, offers refused), and waits
     /// (30 s at most) for the stdout line `ready` accepts. Returns that line.
     pub fn start(
         &mut self,
@@ -201,7 +202,7 @@ impl Net {
         let log = self.dir.join(format!("{name}.log"));
         let mut cmd = self.tb.command(node, BIN);
         cmd.args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,steelyard_agent::daemon=info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).unwrap());
