@@ -15,6 +15,7 @@
 //!
 //! [services]                                 # what peers may reach through this agent
 //! http = "127.0.0.1:8080"
+//! dns = "udp:127.0.0.1:53"                   # a UDP service (datagrams in the tunnel)
 //!
 //! [offers]                                   # which peers may connect; default: everyone
 //! allow = ["office-pc"]
@@ -116,6 +117,39 @@ impl Default for ResumeSettings {
     }
 }
 
+/// Where a service listens: `"127.0.0.1:8080"` or `"tcp:127.0.0.1:8080"` for TCP,
+/// `"udp:127.0.0.1:53"` for UDP (its datagrams travel as records in the tunnel, see
+/// `crate::datagram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceAddr {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Whether the service speaks UDP.
+    pub udp: bool,
+}
+
+impl std::str::FromStr for ServiceAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (udp, rest) = match s.split_once(':') {
+            Some(("udp", rest)) => (true, rest),
+            Some(("tcp", rest)) => (false, rest),
+            _ => (false, s),
+        };
+        let addr = rest.parse().map_err(|e| {
+            format!("service address {s:?}: {e} (write HOST:PORT, tcp:HOST:PORT or udp:HOST:PORT)")
+        })?;
+        Ok(Self { addr, udp })
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The agent's whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,7 +175,7 @@ pub struct AgentConfig {
     pub control: SocketAddr,
     /// Service name → local address, reachable by peers through tunnels.
     #[serde(default)]
-    pub services: BTreeMap<String, SocketAddr>,
+    pub services: BTreeMap<String, ServiceAddr>,
     /// Which offers to accept.
     #[serde(default)]
     pub offers: OfferPolicy,
@@ -285,7 +319,23 @@ allow = ["a"]
     fn parses_and_rejects() {
         let c = AgentConfig::parse(GOOD, "t").unwrap();
         assert_eq!(c.control.to_string(), DEFAULT_CONTROL);
-        assert_eq!(c.services["http"].port(), 8080);
+        assert_eq!(c.services["http"].addr.port(), 8080);
+        assert!(!c.services["http"].udp);
+        let u = AgentConfig::parse(
+            &GOOD.replace("\"127.0.0.1:8080\"", "\"udp:127.0.0.1:53\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            (u.services["http"].addr.port(), u.services["http"].udp),
+            (53, true)
+        );
+        let e = AgentConfig::parse(
+            &GOOD.replace("\"127.0.0.1:8080\"", "\"sctp:1.2.3.4:5\""),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("udp:HOST:PORT"), "{e}");
         assert!(AgentConfig::parse(&format!("{GOOD}\nnope = 1"), "t").is_err());
         let e = AgentConfig::parse(&GOOD.replace("ws://", "ftp://"), "t").unwrap_err();
         assert!(e.to_string().contains("must start with"), "{e}");

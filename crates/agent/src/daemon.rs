@@ -38,11 +38,15 @@
 //! * **Session end.** Each side sends `session_ended` with the bytes moved. The initiator adds
 //!   the end-to-end RTT (the Noise KK handshake is exactly one round trip A → relay → B →
 //!   relay → A) and, for streams one relay carried from start to end, the goodput measured
-//!   while data flowed ([`crate::goodput`]; none when too little moved to measure). A session replaced by a resume is reported ended without bytes; the
-//!   last one carries the stream's totals.
+//!   while data flowed ([`crate::goodput`]; none when too little moved to measure). A session
+//!   replaced by a resume is reported ended without bytes; the last one carries the stream's
+//!   totals.
+//! * **UDP services** (`udp:HOST:PORT` in `[services]`): the accepting side sends the stream's
+//!   datagram records to the service from a socket of its own ([`crate::datagram`]); the
+//!   opening side is `steelyard connect --udp`, one stream per client address.
 //!
-//! What this module does **not** do (yet): UDP services (offers for UDP are refused), detect a
-//! resume
+//! What this module does **not** do (yet): relay sessions over UDP (offers for a UDP relay path
+//! are refused; UDP services ride TCP relay sessions), resume
 //! after the agent process restarts, watch loss between reports (only RTT and reachability), or
 //! authenticate control clients beyond requiring a loopback address.
 
@@ -67,7 +71,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::config::{broker_ws_url, AgentConfig};
+use crate::config::{broker_ws_url, AgentConfig, ServiceAddr};
+use crate::datagram;
 use crate::identity::{self, IdentityError};
 use crate::measure::{self, MeasureConfig, RelayTarget, Reported, TrainResult};
 use crate::resume::{self as tunnel_resume, Attach, AttachReply, ResumeConfig, RESUME_ID_LEN};
@@ -236,7 +241,7 @@ pub fn decide_offer(
     from: &str,
     service: &str,
     transport: TransportKind,
-) -> Result<SocketAddr, String> {
+) -> Result<ServiceAddr, String> {
     if !cfg.offers.allow.is_empty() && !cfg.offers.allow.iter().any(|p| p == from) {
         return Err(format!(
             "peer {from} is not in {}'s offers.allow list",
@@ -968,6 +973,36 @@ async fn report_end(
     }
 }
 
+/// The accepting side's end of a stream: the service's TCP connection, or the records side of a
+/// UDP service's pump.
+trait LocalIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> LocalIo for T {}
+type LocalConn = Box<dyn LocalIo>;
+
+/// Connects to the service: a TCP connection, or for a UDP service a socket connected to it
+/// and a pump between it and the stream (ending after [`datagram::DEFAULT_IDLE`] without
+/// datagrams).
+async fn connect_service(local: ServiceAddr) -> std::io::Result<LocalConn> {
+    if !local.udp {
+        let conn = TcpStream::connect(local.addr).await?;
+        let _ = conn.set_nodelay(true);
+        return Ok(Box::new(conn));
+    }
+    let any: SocketAddr = if local.addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(any).await?;
+    sock.connect(local.addr).await?;
+    let (ours, theirs) = tokio::io::duplex(4 * (datagram::MAX_DATAGRAM + 2));
+    tokio::spawn(async move {
+        let r = datagram::pump(theirs, &sock, None, None, datagram::DEFAULT_IDLE).await;
+        tracing::debug!(service = %local.addr, "UDP flow ended: {r:?}");
+    });
+    Ok(Box::new(ours))
+}
+
 /// A stream's key at the accepting side: the opening peer and its resume id.
 type StreamKey = (String, [u8; RESUME_ID_LEN]);
 
@@ -977,7 +1012,7 @@ type Resumed = (Tunnel<TcpStream>, String);
 /// What the accepting side decided during the handshake.
 enum Accepted {
     /// A new stream: the service connection and where resumed tunnels will arrive.
-    New(TcpStream, [u8; RESUME_ID_LEN], mpsc::Receiver<Resumed>),
+    New(LocalConn, [u8; RESUME_ID_LEN], mpsc::Receiver<Resumed>),
     /// A resumed stream.
     Resume([u8; RESUME_ID_LEN]),
 }
@@ -988,7 +1023,7 @@ async fn accept_attach(
     shared: &Shared,
     from: &str,
     service: &str,
-    local: SocketAddr,
+    local: ServiceAddr,
     theirs: &[u8],
 ) -> Result<Accepted, String> {
     let key = |id| (from.to_owned(), id);
@@ -997,13 +1032,14 @@ async fn accept_attach(
             if lock(&shared.streams).contains_key(&key(id)) {
                 return Err("that resume id is in use already; open a new tunnel".into());
             }
-            let conn = TcpStream::connect(local).await.map_err(|e| {
+            let conn = connect_service(local).await.map_err(|e| {
                 format!(
-                    "{} cannot connect to its service {service} at {local}: {e}",
-                    shared.cfg.peer_id
+                    "{} cannot connect to its service {service} at {}{}: {e}",
+                    shared.cfg.peer_id,
+                    if local.udp { "udp:" } else { "" },
+                    local.addr
                 )
             })?;
-            let _ = conn.set_nodelay(true);
             // Bounded: one entry per live accepted tunnel, and those are at most MAX_TUNNELS.
             let (tx, rx) = mpsc::channel(2);
             lock(&shared.streams).insert(key(id), tx);

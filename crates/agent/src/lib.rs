@@ -22,11 +22,15 @@
 //! * [`daemon`]: the running agent: broker channel with reconnects, scheduled reports, offers
 //!   into local services, and the loopback control endpoint that `steelyard connect` uses.
 //!
-//! What this crate does **not** do yet: carry UDP services, or resume a tunnel after an agent
-//! process restarts.
+//! * [`datagram`]: UDP services: datagrams as records in the tunnel's stream, and the pump
+//!   between that stream and a UDP socket.
+//!
+//! What this crate does **not** do yet: carry datagrams unreliably (a UDP service's datagrams
+//! ride the reliable, resumable stream), or resume a tunnel after an agent process restarts.
 
 pub mod config;
 pub mod daemon;
+pub mod datagram;
 pub mod goodput;
 pub mod identity;
 pub mod measure;
