@@ -26,7 +26,7 @@
 //! timeout_ms = 10000                         # time to find a new relay before giving up
 //! keepalive_ms = 1000                        # an idle tunnel sends a keepalive this often
 //! dead_after_ms = 4000                       # a tunnel silent this long has failed: resume
-//! relay_connect_ms = 2000                    # a relay must accept and answer within this
+//! relay_connect_ms = 1000                    # a relay must accept and answer within this
 //! handshake_ms = 5000                        # the peer's Noise handshake within this
 //! ```
 //!
@@ -111,7 +111,7 @@ impl Default for ResumeSettings {
             timeout_ms: 10_000,
             keepalive_ms: 1000,
             dead_after_ms: 4000,
-            relay_connect_ms: 2000,
+            relay_connect_ms: 1000,
             handshake_ms: 5000,
         }
     }
