@@ -15,6 +15,7 @@
 //!
 //! [services]                                 # what peers may reach through this agent
 //! http = "127.0.0.1:8080"
+//! dns = "udp:127.0.0.1:53"                   # a UDP service (datagrams in the tunnel)
 //!
 //! [offers]                                   # which peers may connect; default: everyone
 //! allow = ["office-pc"]
@@ -23,6 +24,10 @@
 //! max_replay_kib = 1024                      # unacknowledged bytes kept per tunnel direction
 //! max_resumes = 8                            # relay failures one tunnel survives
 //! timeout_ms = 10000                         # time to find a new relay before giving up
+//! keepalive_ms = 1000                        # an idle tunnel sends a keepalive this often
+//! dead_after_ms = 4000                       # a tunnel silent this long has failed: resume
+//! relay_connect_ms = 1000                    # a relay must accept and answer within this
+//! handshake_ms = 5000                        # the peer's Noise handshake within this
 //! ```
 //!
 //! Unknown keys are errors. What this module does not do: read flags or the environment
@@ -86,6 +91,16 @@ pub struct ResumeSettings {
     /// How long to keep trying to resume after a failure, ms, 100..=600000; then the tunnel
     /// closes with an error.
     pub timeout_ms: u64,
+    /// A tunnel that sent no frame for this long sends a keepalive, ms, 50..=`dead_after_ms/2`.
+    pub keepalive_ms: u64,
+    /// A tunnel that received no frame for this long has failed (its relay or path went
+    /// silent) and resumes elsewhere, ms, up to 3600000.
+    pub dead_after_ms: u64,
+    /// A relay must accept the TCP connection and answer the ticket within this, ms,
+    /// 100..=60000; otherwise the agent moves on to another relay.
+    pub relay_connect_ms: u64,
+    /// The peer's Noise handshake through the relay must finish within this, ms, 100..=60000.
+    pub handshake_ms: u64,
 }
 
 impl Default for ResumeSettings {
@@ -94,7 +109,44 @@ impl Default for ResumeSettings {
             max_replay_kib: 1024,
             max_resumes: 8,
             timeout_ms: 10_000,
+            keepalive_ms: 1000,
+            dead_after_ms: 4000,
+            relay_connect_ms: 1000,
+            handshake_ms: 5000,
         }
+    }
+}
+
+/// Where a service listens: `"127.0.0.1:8080"` or `"tcp:127.0.0.1:8080"` for TCP,
+/// `"udp:127.0.0.1:53"` for UDP (its datagrams travel as records in the tunnel, see
+/// `crate::datagram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceAddr {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Whether the service speaks UDP.
+    pub udp: bool,
+}
+
+impl std::str::FromStr for ServiceAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (udp, rest) = match s.split_once(':') {
+            Some(("udp", rest)) => (true, rest),
+            Some(("tcp", rest)) => (false, rest),
+            _ => (false, s),
+        };
+        let addr = rest.parse().map_err(|e| {
+            format!("service address {s:?}: {e} (write HOST:PORT, tcp:HOST:PORT or udp:HOST:PORT)")
+        })?;
+        Ok(Self { addr, udp })
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -123,7 +175,7 @@ pub struct AgentConfig {
     pub control: SocketAddr,
     /// Service name → local address, reachable by peers through tunnels.
     #[serde(default)]
-    pub services: BTreeMap<String, SocketAddr>,
+    pub services: BTreeMap<String, ServiceAddr>,
     /// Which offers to accept.
     #[serde(default)]
     pub offers: OfferPolicy,
@@ -207,6 +259,24 @@ impl AgentConfig {
                 r.timeout_ms
             ));
         }
+        if r.keepalive_ms < 50
+            || r.keepalive_ms > r.dead_after_ms / 2
+            || r.dead_after_ms > 3_600_000
+        {
+            return bad(format!(
+                "resume.keepalive_ms = {} and resume.dead_after_ms = {} must satisfy \
+                 50 <= keepalive_ms <= dead_after_ms/2 and dead_after_ms <= 3600000",
+                r.keepalive_ms, r.dead_after_ms
+            ));
+        }
+        for (key, v) in [
+            ("relay_connect_ms", r.relay_connect_ms),
+            ("handshake_ms", r.handshake_ms),
+        ] {
+            if !(100..=60_000).contains(&v) {
+                return bad(format!("resume.{key} = {v} must be 100..=60000"));
+            }
+        }
         for p in &self.offers.allow {
             if !is_valid_id(p) {
                 return bad(format!("offers.allow: {p:?} is not a peer id"));
@@ -249,7 +319,23 @@ allow = ["a"]
     fn parses_and_rejects() {
         let c = AgentConfig::parse(GOOD, "t").unwrap();
         assert_eq!(c.control.to_string(), DEFAULT_CONTROL);
-        assert_eq!(c.services["http"].port(), 8080);
+        assert_eq!(c.services["http"].addr.port(), 8080);
+        assert!(!c.services["http"].udp);
+        let u = AgentConfig::parse(
+            &GOOD.replace("\"127.0.0.1:8080\"", "\"udp:127.0.0.1:53\""),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            (u.services["http"].addr.port(), u.services["http"].udp),
+            (53, true)
+        );
+        let e = AgentConfig::parse(
+            &GOOD.replace("\"127.0.0.1:8080\"", "\"sctp:1.2.3.4:5\""),
+            "t",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("udp:HOST:PORT"), "{e}");
         assert!(AgentConfig::parse(&format!("{GOOD}\nnope = 1"), "t").is_err());
         let e = AgentConfig::parse(&GOOD.replace("ws://", "ftp://"), "t").unwrap_err();
         assert!(e.to_string().contains("must start with"), "{e}");
@@ -261,6 +347,15 @@ allow = ["a"]
         let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nmax_replay_kib = 1\n"), "t")
             .unwrap_err();
         assert!(e.to_string().contains("max_replay_kib = 1 must be"), "{e}");
+        let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nkeepalive_ms = 3000\n"), "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("keepalive_ms = 3000"), "{e}");
+        let e = AgentConfig::parse(&format!("{GOOD}\n[resume]\nrelay_connect_ms = 5\n"), "t")
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("relay_connect_ms = 5 must be"),
+            "{e}"
+        );
         assert_eq!(
             broker_ws_url("https://b.example:7443/").as_deref(),
             Some("wss://b.example:7443/v1/agent")

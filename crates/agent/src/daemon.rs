@@ -31,15 +31,22 @@
 //!   stream's random resume id; the accepting side attaches it to the live stream (keyed by
 //!   the authenticated peer and the id), and both retransmit what the other lacks. Bounded by
 //!   `[resume]` in the config: replay buffer, resumes per stream, time to give up; then the
-//!   local connection is dropped and the error logged.
+//!   local connection is dropped and the error logged. A relay that goes silent (drops every
+//!   packet, no reset) is noticed by the keepalives within `resume.dead_after_ms`; a relay that
+//!   does not answer a new dial within `resume.relay_connect_ms` is avoided like a refusing
+//!   one.
 //! * **Session end.** Each side sends `session_ended` with the bytes moved. The initiator adds
 //!   the end-to-end RTT (the Noise KK handshake is exactly one round trip A → relay → B →
-//!   relay → A) and, for tunnels that moved at least [`GOODPUT_MIN_BYTES`] over one relay,
-//!   the average goodput. A session replaced by a resume is reported ended without bytes; the
-//!   last one carries the stream's totals.
+//!   relay → A) and, for streams one relay carried from start to end, the goodput measured
+//!   while data flowed ([`crate::goodput`]; none when too little moved to measure). A session
+//!   replaced by a resume is reported ended without bytes; the last one carries the stream's
+//!   totals.
+//! * **UDP services** (`udp:HOST:PORT` in `[services]`): the accepting side sends the stream's
+//!   datagram records to the service from a socket of its own ([`crate::datagram`]); the
+//!   opening side is `steelyard connect --udp`, one stream per client address.
 //!
-//! What this module does **not** do (yet): UDP services (offers for UDP are refused), detect a
-//! relay that stops forwarding without closing its connections (a tunnel waits on TCP), resume
+//! What this module does **not** do (yet): relay sessions over UDP (offers for a UDP relay path
+//! are refused; UDP services ride TCP relay sessions), resume
 //! after the agent process restarts, watch loss between reports (only RTT and reachability), or
 //! authenticate control clients beyond requiring a loopback address.
 
@@ -64,7 +71,8 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
-use crate::config::{broker_ws_url, AgentConfig};
+use crate::config::{broker_ws_url, AgentConfig, ServiceAddr};
+use crate::datagram;
 use crate::identity::{self, IdentityError};
 use crate::measure::{self, MeasureConfig, RelayTarget, Reported, TrainResult};
 use crate::resume::{self as tunnel_resume, Attach, AttachReply, ResumeConfig, RESUME_ID_LEN};
@@ -76,14 +84,10 @@ pub const MAX_CONTROL_LINE: usize = 4096;
 pub const MAX_TUNNELS: usize = 1024;
 /// Most connect requests waiting for the broker at once.
 pub const MAX_PENDING_CONNECTS: usize = 256;
-/// Tunnels that moved fewer bytes report no goodput (too short to mean anything).
-pub const GOODPUT_MIN_BYTES: u64 = 64 * 1024;
 /// How long a connect request waits for the broker's answer (the other peer may be asked).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a side waits at the relay for its partner.
 pub const PAIR_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest Noise handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Shortest time between the starts of two measurements when reporting early.
 pub const EARLY_REPORT_GAP: Duration = Duration::from_secs(1);
 
@@ -237,7 +241,7 @@ pub fn decide_offer(
     from: &str,
     service: &str,
     transport: TransportKind,
-) -> Result<SocketAddr, String> {
+) -> Result<ServiceAddr, String> {
     if !cfg.offers.allow.is_empty() && !cfg.offers.allow.iter().any(|p| p == from) {
         return Err(format!(
             "peer {from} is not in {}'s offers.allow list",
@@ -427,6 +431,8 @@ impl Agent {
             max_replay,
             ack_every: max_replay / 4,
             max_resumes: cfg.resume.max_resumes,
+            keepalive: Duration::from_millis(cfg.resume.keepalive_ms),
+            dead_after: Duration::from_millis(cfg.resume.dead_after_ms),
         };
         let resume_timeout = Duration::from_millis(cfg.resume.timeout_ms);
         let control =
@@ -835,9 +841,13 @@ where
     let remote = identity::noise_public(peer_key).map_err(|e| e.to_string())?;
     let ticket = hex_vec(ticket_hex).ok_or("the broker's ticket is not hex")?;
     let relay = resolve(relay).await?;
-    let stream = steelyard_relay::client::dial(relay, &ticket, PAIR_TIMEOUT)
-        .await
-        .map_err(|e| format!("relay {relay}: {e}"))?;
+    let stream = dial_relay(
+        relay,
+        &ticket,
+        Duration::from_millis(shared.cfg.resume.relay_connect_ms),
+    )
+    .await
+    .map_err(|e| format!("relay {relay}: {e}"))?;
     let started = Instant::now();
     let (tunnel, theirs) = Tunnel::handshake_with(
         stream,
@@ -846,7 +856,7 @@ where
             local: shared.noise.clone(),
             remote_public: remote,
             binding: session_id.as_bytes().to_vec(),
-            handshake_timeout: HANDSHAKE_TIMEOUT,
+            handshake_timeout: Duration::from_millis(shared.cfg.resume.handshake_ms),
         },
         payload,
         respond,
@@ -854,6 +864,55 @@ where
     .await
     .map_err(|e| format!("tunnel through relay {relay}: {e}"))?;
     Ok((tunnel, started.elapsed(), theirs))
+}
+
+/// Dials `relay` and presents `ticket`: the relay must accept the connection and answer (its
+/// first status) within `connect`, then pair us with the other side within [`PAIR_TIMEOUT`].
+/// A relay that is down or cut off (packets dropped, nothing refused) thus costs `connect`,
+/// not the kernel's minutes of SYN retries.
+async fn dial_relay(
+    relay: SocketAddr,
+    ticket: &[u8],
+    connect: Duration,
+) -> Result<TcpStream, String> {
+    use steelyard_relay::client::read_status;
+    use steelyard_relay::wire::StatusCode;
+    let hello = steelyard_relay::wire::encode_hello(ticket).map_err(|e| e.to_string())?;
+    let opened = tokio::time::timeout(connect, async {
+        let mut s = TcpStream::connect(relay).await?;
+        s.set_nodelay(true)?;
+        s.write_all(&hello).await?;
+        let first = read_status(&mut s).await.map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>((s, first))
+    })
+    .await;
+    let (mut s, mut status) = match opened {
+        Err(_) => {
+            return Err(format!(
+                "no answer within {connect:?} (down or unreachable; resume.relay_connect_ms \
+                 sets this bound)"
+            ))
+        }
+        Ok(Err(e)) => return Err(format!("relay connection failed: {e}")),
+        Ok(Ok(x)) => x,
+    };
+    let paired = tokio::time::timeout(PAIR_TIMEOUT, async {
+        loop {
+            match status {
+                StatusCode::Waiting => status = read_status(&mut s).await?,
+                StatusCode::Paired => return Ok(()),
+                code => return Err(steelyard_relay::client::ClientError::Refused(code)),
+            }
+        }
+    })
+    .await;
+    match paired {
+        Err(_) => Err(format!(
+            "the other side did not arrive at the relay within {PAIR_TIMEOUT:?}"
+        )),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(())) => Ok(s),
+    }
 }
 
 /// [`open_tunnel`] as the initiator asking for `attach`; the accepting agent's refusal is
@@ -886,23 +945,20 @@ async fn open_attached(
 }
 
 /// Reports a broker session ended: the bytes moved, and on the initiating side the end-to-end
-/// RTT (the handshake's round trip) and, over `goodput_over` for tunnels that moved at least
-/// [`GOODPUT_MIN_BYTES`], the goodput.
+/// RTT (the handshake's round trip) and the goodput when there is one (measured while data
+/// flowed, see [`crate::goodput`]).
 async fn report_end(
     shared: &Shared,
     session_id: String,
     bytes: Option<(u64, u64)>,
     rtt: Option<Duration>,
-    goodput_over: Option<Duration>,
+    goodput_kbps: Option<u64>,
 ) {
     let (sent, received) = bytes.unwrap_or_default();
-    let moved = sent + received;
     let end_to_end = rtt.map(|rtt| EndToEndReport {
         rtt_ms: rtt.as_secs_f64() * 1000.0,
         loss: 0.0,
-        bandwidth_kbps: goodput_over
-            .filter(|_| moved >= GOODPUT_MIN_BYTES)
-            .map(|life| moved * 8 / life.as_millis().max(1) as u64),
+        bandwidth_kbps: goodput_kbps,
         age_ms: 0,
     });
     let tx = lock(&shared.out).clone();
@@ -918,6 +974,36 @@ async fn report_end(
     }
 }
 
+/// The accepting side's end of a stream: the service's TCP connection, or the records side of a
+/// UDP service's pump.
+trait LocalIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> LocalIo for T {}
+type LocalConn = Box<dyn LocalIo>;
+
+/// Connects to the service: a TCP connection, or for a UDP service a socket connected to it
+/// and a pump between it and the stream (ending after [`datagram::DEFAULT_IDLE`] without
+/// datagrams).
+async fn connect_service(local: ServiceAddr) -> std::io::Result<LocalConn> {
+    if !local.udp {
+        let conn = TcpStream::connect(local.addr).await?;
+        let _ = conn.set_nodelay(true);
+        return Ok(Box::new(conn));
+    }
+    let any: SocketAddr = if local.addr.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(any).await?;
+    sock.connect(local.addr).await?;
+    let (ours, theirs) = tokio::io::duplex(4 * (datagram::MAX_DATAGRAM + 2));
+    tokio::spawn(async move {
+        let r = datagram::pump(theirs, &sock, None, None, datagram::DEFAULT_IDLE).await;
+        tracing::debug!(service = %local.addr, "UDP flow ended: {r:?}");
+    });
+    Ok(Box::new(ours))
+}
+
 /// A stream's key at the accepting side: the opening peer and its resume id.
 type StreamKey = (String, [u8; RESUME_ID_LEN]);
 
@@ -927,7 +1013,7 @@ type Resumed = (Tunnel<TcpStream>, String);
 /// What the accepting side decided during the handshake.
 enum Accepted {
     /// A new stream: the service connection and where resumed tunnels will arrive.
-    New(TcpStream, [u8; RESUME_ID_LEN], mpsc::Receiver<Resumed>),
+    New(LocalConn, [u8; RESUME_ID_LEN], mpsc::Receiver<Resumed>),
     /// A resumed stream.
     Resume([u8; RESUME_ID_LEN]),
 }
@@ -938,7 +1024,7 @@ async fn accept_attach(
     shared: &Shared,
     from: &str,
     service: &str,
-    local: SocketAddr,
+    local: ServiceAddr,
     theirs: &[u8],
 ) -> Result<Accepted, String> {
     let key = |id| (from.to_owned(), id);
@@ -947,13 +1033,14 @@ async fn accept_attach(
             if lock(&shared.streams).contains_key(&key(id)) {
                 return Err("that resume id is in use already; open a new tunnel".into());
             }
-            let conn = TcpStream::connect(local).await.map_err(|e| {
+            let conn = connect_service(local).await.map_err(|e| {
                 format!(
-                    "{} cannot connect to its service {service} at {local}: {e}",
-                    shared.cfg.peer_id
+                    "{} cannot connect to its service {service} at {}{}: {e}",
+                    shared.cfg.peer_id,
+                    if local.udp { "udp:" } else { "" },
+                    local.addr
                 )
             })?;
-            let _ = conn.set_nodelay(true);
             // Bounded: one entry per live accepted tunnel, and those are at most MAX_TUNNELS.
             let (tx, rx) = mpsc::channel(2);
             lock(&shared.streams).insert(key(id), tx);
@@ -1201,7 +1288,6 @@ struct Opened {
     session_id: String,
     relay_id: String,
     rtt: Duration,
-    since: Instant,
     avoid: Vec<String>,
 }
 
@@ -1250,7 +1336,6 @@ async fn resume_opening(
                         o.session_id = answer.session_id;
                         o.relay_id = answer.relay_id;
                         o.rtt = rtt;
-                        o.since = Instant::now();
                         return Ok(tunnel);
                     }
                     Err((e, refused)) => {
@@ -1345,7 +1430,6 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         session_id: answer.session_id,
         relay_id: answer.relay_id,
         rtt,
-        since: Instant::now(),
         avoid: Vec::new(),
     }));
     let result = tunnel_resume::resumable_bridge(
@@ -1355,11 +1439,11 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         &shared.resume,
     )
     .await;
-    let (session, rtt, since) = {
+    let (session, rtt) = {
         let o = lock(&opened);
-        (o.session_id.clone(), o.rtt, o.since)
+        (o.session_id.clone(), o.rtt)
     };
-    let (bytes, goodput_over) = match result {
+    let (bytes, goodput) = match result {
         Ok(s) => {
             if s.resumes > 0 {
                 tracing::info!(
@@ -1370,8 +1454,8 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
                 );
             }
             // Goodput only for a stream that one tunnel carried from start to end.
-            let over = (s.resumes == 0).then(|| since.elapsed());
-            (Some((s.sent, s.received)), over)
+            let goodput = s.goodput_kbps.filter(|_| s.resumes == 0);
+            (Some((s.sent, s.received)), goodput)
         }
         Err(e) => {
             tracing::warn!(session, peer = %req.peer, service = %req.service,
@@ -1379,7 +1463,7 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
             (None, None)
         }
     };
-    report_end(&shared, session, bytes, Some(rtt), goodput_over).await;
+    report_end(&shared, session, bytes, Some(rtt), goodput).await;
     drop(permit);
 }
 

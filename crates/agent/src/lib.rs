@@ -9,7 +9,10 @@
 //!   session, and the bridge between it and a local TCP connection, with half-close.
 //! * [`resume`]: a sequence/acknowledge layer with a bounded replay buffer over the tunnel, so
 //!   a bridged connection moves to a new relay without losing or repeating a byte; the daemon
-//!   bridges every tunnel through it.
+//!   bridges every tunnel through it. Idle tunnels exchange keepalives, so a relay that goes
+//!   silent is noticed within a bounded time and the tunnel resumes elsewhere.
+//! * [`goodput`]: a tunnel's end-to-end goodput over the time data was flowing (idle time
+//!   left out), or none when it moved too little to measure.
 //!
 //! Each module keeps its decisions in a sans-I/O core (bytes and times in, bytes and results
 //! out) under a thin tokio layer.
@@ -19,11 +22,16 @@
 //! * [`daemon`]: the running agent: broker channel with reconnects, scheduled reports, offers
 //!   into local services, and the loopback control endpoint that `steelyard connect` uses.
 //!
-//! What this crate does **not** do yet: carry UDP services, or resume a tunnel after an agent
-//! process restarts.
+//! * [`datagram`]: UDP services: datagrams as records in the tunnel's stream, and the pump
+//!   between that stream and a UDP socket.
+//!
+//! What this crate does **not** do yet: carry datagrams unreliably (a UDP service's datagrams
+//! ride the reliable, resumable stream), or resume a tunnel after an agent process restarts.
 
 pub mod config;
 pub mod daemon;
+pub mod datagram;
+pub mod goodput;
 pub mod identity;
 pub mod measure;
 pub mod resume;

@@ -17,6 +17,13 @@
 //! not seen it. A claimed position outside the replay buffer is an error
 //! ([`ResumeError::CannotResume`]), never a silent gap.
 //!
+//! **Liveness.** A side that has sent no frame for [`ResumeConfig::keepalive`] sends an
+//! acknowledgement of what it holds (a repeated acknowledgement is harmless), so an idle
+//! tunnel still carries a frame each way every `keepalive`. A side that receives no frame for
+//! [`ResumeConfig::dead_after`] counts the tunnel as failed ([`TunnelError::Silent`]) and
+//! resumes: a relay or a path that drops everything without a reset is noticed in bounded
+//! time instead of never.
+//!
 //! The session ends when both ends of stream have been sent, received and acknowledged; the
 //! local connection is then half-closed in both directions and the tunnel shut down. A side
 //! whose local connection fails sends an abort frame (best effort) so that the peer closes its
@@ -35,10 +42,12 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
+use crate::goodput::{self, Goodput};
 use crate::tunnel::{Frame, Tunnel, TunnelError, MAX_CHUNK};
 
 /// Length of a resume id.
@@ -182,7 +191,17 @@ pub struct ResumeConfig {
     pub ack_every: usize,
     /// Most tunnel failures survived in one session.
     pub max_resumes: u32,
+    /// Send a keepalive (an acknowledgement) after this long without sending a frame,
+    /// [`MIN_KEEPALIVE`]..=`dead_after / 2`.
+    pub keepalive: Duration,
+    /// A tunnel that delivers no frame for this long has failed, at most [`MAX_DEAD_AFTER`].
+    pub dead_after: Duration,
 }
+
+/// Shortest keepalive interval.
+pub const MIN_KEEPALIVE: Duration = Duration::from_millis(50);
+/// Longest silence allowed before a tunnel counts as failed.
+pub const MAX_DEAD_AFTER: Duration = Duration::from_secs(3600);
 
 impl Default for ResumeConfig {
     fn default() -> Self {
@@ -190,6 +209,8 @@ impl Default for ResumeConfig {
             max_replay: 1 << 20,
             ack_every: 256 << 10,
             max_resumes: 8,
+            keepalive: Duration::from_secs(1),
+            dead_after: Duration::from_secs(4),
         }
     }
 }
@@ -202,6 +223,14 @@ impl ResumeConfig {
         }
         if self.ack_every == 0 || self.ack_every > self.max_replay / 2 {
             return Err(ResumeError::Config("ack_every must be 1..=max_replay/2"));
+        }
+        if self.keepalive < MIN_KEEPALIVE
+            || self.keepalive > self.dead_after / 2
+            || self.dead_after > MAX_DEAD_AFTER
+        {
+            return Err(ResumeError::Config(
+                "keepalive must be 50 ms..=dead_after/2 and dead_after at most 1 h",
+            ));
         }
         Ok(())
     }
@@ -281,6 +310,7 @@ struct State {
     end_ack_sent: bool,
     ack_every: u64,
     local_failed: Option<std::io::ErrorKind>,
+    goodput: Goodput,
 }
 
 impl State {
@@ -321,6 +351,9 @@ pub struct ResumeStats {
     pub resumes: u32,
     /// Bytes sent a second time after a resume.
     pub retransmitted: u64,
+    /// Goodput in kbit/s over the time data was flowing, of the faster direction; `None` when
+    /// the stream moved too little to measure (see [`crate::goodput`]).
+    pub goodput_kbps: Option<u64>,
 }
 
 fn fatal(e: &TunnelError) -> bool {
@@ -383,6 +416,7 @@ where
         end_ack_sent: false,
         ack_every: cfg.ack_every as u64,
         local_failed: None,
+        goodput: Goodput::default(),
     }));
     let notify = Arc::new(Notify::new());
     // The local writer lives across tunnels, so a cancelled tunnel never leaves a chunk half
@@ -404,7 +438,7 @@ where
     let mut tunnel = first;
     let mut failures = 0u32;
     let outcome = loop {
-        let run = run_tunnel(tunnel, &mut lr, &mut tx, &state, &notify, &mut stats);
+        let run = run_tunnel(tunnel, &mut lr, &mut tx, &state, &notify, &mut stats, cfg);
         let result = tokio::select! {
             r = run => r,
             newer = preempt() => {
@@ -455,6 +489,7 @@ where
     let st = state.lock().unwrap_or_else(|p| p.into_inner());
     stats.sent = st.replay.end();
     stats.received = st.received;
+    stats.goodput_kbps = st.goodput.kbps(goodput::MIN_BYTES);
     Ok(stats)
 }
 
@@ -465,6 +500,7 @@ async fn run_tunnel<R, S>(
     state: &Arc<Mutex<State>>,
     notify: &Arc<Notify>,
     stats: &mut ResumeStats,
+    cfg: &ResumeConfig,
 ) -> Result<(), ResumeError>
 where
     R: AsyncRead + Unpin,
@@ -472,6 +508,16 @@ where
 {
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
     let (mut tr, mut tw) = tunnel.split();
+    // Every frame from the peer within `dead_after`, or the tunnel has failed.
+    let dead_after = cfg.dead_after;
+    macro_rules! recv_live {
+        () => {
+            match tokio::time::timeout(dead_after, tr.recv_frame()).await {
+                Ok(r) => r,
+                Err(_) => Err(TunnelError::Silent(dead_after)),
+            }
+        };
+    }
     // 1. Tell the peer what we hold; learn what it holds.
     let (received, end_received) = {
         let mut st = lock();
@@ -480,7 +526,7 @@ where
         (st.received, st.end_received)
     };
     tw.send_ack(received, end_received).await?;
-    let (peer_received, peer_end) = match tr.recv_frame().await? {
+    let (peer_received, peer_end) = match recv_live!()? {
         Frame::Ack { received, end } => (received, end),
         Frame::Abort(why) => return Err(ResumeError::PeerAborted(why.to_owned())),
         _ => {
@@ -509,6 +555,7 @@ where
             tw.send_end().await?;
         }
         let mut buf = vec![0u8; MAX_CHUNK];
+        let mut last_sent = Instant::now();
         loop {
             let (ack, free, end_queued, done, local_failed) = {
                 let mut st = lock();
@@ -529,6 +576,7 @@ where
             }
             if let Some((r, e)) = ack {
                 tw.send_ack(r, e).await?;
+                last_sent = Instant::now();
                 continue;
             }
             if done {
@@ -539,6 +587,17 @@ where
             tokio::select! {
                 biased;
                 _ = notify.notified() => {}
+                _ = tokio::time::sleep_until((last_sent + cfg.keepalive).into()) => {
+                    // Keepalive: what we hold, again.
+                    let (r, e) = {
+                        let mut st = lock();
+                        st.acked_sent = st.received;
+                        st.end_ack_sent = st.end_received;
+                        (st.received, st.end_received)
+                    };
+                    tw.send_ack(r, e).await?;
+                    last_sent = Instant::now();
+                }
                 r = lr.read(&mut buf[..free]), if !end_queued && free > 0 => {
                     let n = match r {
                         Ok(n) => n,
@@ -553,14 +612,16 @@ where
                     } else {
                         lock().replay.push(&buf[..n]);
                         tw.send(&buf[..n]).await?;
+                        lock().goodput.sent.record(Instant::now(), n as u64);
                     }
+                    last_sent = Instant::now();
                 }
             }
         }
     };
     let down = async {
         loop {
-            match tr.recv_frame().await {
+            match recv_live!() {
                 Ok(Frame::Data(d)) => {
                     if lock().end_received {
                         return Err(TunnelError::Protocol("data after end of stream").into());
@@ -572,7 +633,9 @@ where
                     if t.send(d.to_vec()).await.is_err() {
                         return Err(ResumeError::Local(std::io::ErrorKind::BrokenPipe.into()));
                     }
-                    lock().received += len;
+                    let mut st = lock();
+                    st.received += len;
+                    st.goodput.received.record(Instant::now(), len);
                 }
                 Ok(Frame::End) => {
                     lock().end_received = true;
@@ -636,6 +699,7 @@ mod tests {
             end_ack_sent: false,
             ack_every: 10,
             local_failed: None,
+            goodput: Goodput::default(),
         };
         s.received = 9;
         assert_eq!(s.ack_due(), None);
@@ -694,5 +758,13 @@ mod tests {
             ..ResumeConfig::default()
         };
         assert!(bad.validate().is_err());
+        for (keepalive, dead_after) in [(10, 4000), (3000, 4000), (1000, 4_000_000)] {
+            let bad = ResumeConfig {
+                keepalive: Duration::from_millis(keepalive),
+                dead_after: Duration::from_millis(dead_after),
+                ..ResumeConfig::default()
+            };
+            assert!(bad.validate().is_err(), "{keepalive} {dead_after}");
+        }
     }
 }

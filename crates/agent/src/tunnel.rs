@@ -117,6 +117,12 @@ pub enum TunnelError {
     /// A broken tunnel could not be replaced (resumable layer): what was tried and why it failed.
     #[error("{0}")]
     Resume(String),
+    /// No frame from the peer for this long, keepalives included (resumable layer): the relay
+    /// or the path went silent.
+    #[error(
+        "no frame from the peer for {0:?} (keepalives included): the relay or the path went silent"
+    )]
+    Silent(Duration),
     /// Sending after the end of stream was sent.
     #[error("tunnel already finished sending")]
     Finished,

@@ -126,6 +126,7 @@ async fn tunnel_resumes_on_a_second_relay_without_losing_a_byte() {
         max_replay: 256 << 10,
         ack_every: 32 << 10,
         max_resumes: 2,
+        ..ResumeConfig::default()
     };
     let (rcfg_a, rcfg_b) = (rcfg.clone(), rcfg);
     let (ca2, cb2) = (ca.clone(), cb.clone());
@@ -317,6 +318,7 @@ async fn a_newer_tunnel_preempts_one_that_still_looks_alive() {
         max_replay: 128 << 10,
         ack_every: 16 << 10,
         max_resumes: 2,
+        ..ResumeConfig::default()
     };
     let cfg_a = cfg.clone();
     let agent_a = tokio::spawn(async move {

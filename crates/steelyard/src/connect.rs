@@ -4,9 +4,16 @@
 //! The work happens in the agent (`steelyard_agent::daemon`): this command asks the agent's
 //! loopback control endpoint for each tunnel, then copies bytes between the local client and
 //! the agent. The identity key never leaves the agent.
+//!
+//! With `--udp` it binds a UDP socket instead, for a service the peer declares as UDP
+//! (`udp:HOST:PORT` in its `[services]`): each client address gets its own tunnel (at most
+//! [`MAX_UDP_FLOWS`] at once), its datagrams travel as records
+//! (`steelyard_agent::datagram`), and a flow ends after a minute without datagrams.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use steelyard_agent::config::{AgentConfig, DEFAULT_CONTROL};
@@ -28,7 +35,15 @@ pub struct ConnectArgs {
     /// The agent's TOML config, to read its control address from.
     #[arg(long, short, env = "STEELYARD_AGENT_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Listen for UDP datagrams instead of TCP connections (the service must be a UDP one).
+    #[arg(long)]
+    pub udp: bool,
 }
+
+/// Most UDP client addresses tunnelled at once; datagrams from more are dropped.
+pub const MAX_UDP_FLOWS: usize = 256;
+/// Datagrams queued per UDP flow while its tunnel opens or is slow; more are dropped.
+const UDP_QUEUE: usize = 64;
 
 /// Listens and tunnels until interrupted.
 pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
@@ -41,6 +56,9 @@ pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
+    if args.udp {
+        return rt.block_on(run_udp(args, control));
+    }
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -70,6 +88,71 @@ pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
             });
         }
     })
+}
+
+async fn run_udp(args: ConnectArgs, control: SocketAddr) -> anyhow::Result<()> {
+    use steelyard_agent::datagram;
+    let sock = Arc::new(
+        tokio::net::UdpSocket::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot bind UDP {}; pick a free port", args.listen))?,
+    );
+    println!(
+        "connect {} {} listening=udp:{} control={control}",
+        args.peer,
+        args.service,
+        sock.local_addr()?
+    );
+    type Flows = Arc<Mutex<HashMap<SocketAddr, tokio::sync::mpsc::Sender<Vec<u8>>>>>;
+    let flows: Flows = Arc::default();
+    let mut buf = vec![0u8; datagram::MAX_DATAGRAM + 1];
+    loop {
+        let (n, from) = sock.recv_from(&mut buf).await?;
+        let d = buf[..n].to_vec();
+        let mut map = flows.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(tx) = map.get(&from) {
+            match tx.try_send(d) {
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    map.remove(&from);
+                }
+                _ => continue, // sent, or dropped on a full queue (as a full path would)
+            }
+            continue;
+        }
+        if map.len() >= MAX_UDP_FLOWS {
+            continue;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(UDP_QUEUE);
+        let _ = tx.try_send(d);
+        map.insert(from, tx);
+        drop(map);
+        let (peer, service, sock, flows) = (
+            args.peer.clone(),
+            args.service.clone(),
+            sock.clone(),
+            flows.clone(),
+        );
+        tokio::spawn(async move {
+            match open_via_agent(control, &peer, &service).await {
+                Ok((tunnel, reply)) => {
+                    log(&format!(
+                        "udp {from}: tunnel {} via relay {}",
+                        reply.session_id.unwrap_or_default(),
+                        reply.relay.unwrap_or_default()
+                    ));
+                    let end =
+                        datagram::pump(tunnel, &sock, Some(from), Some(rx), datagram::DEFAULT_IDLE)
+                            .await;
+                    log(&format!("udp {from}: flow ended: {end:?}"));
+                }
+                Err(e) => log(&format!("udp {from}: {e}")),
+            }
+            flows
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&from);
+        });
+    }
 }
 
 fn log(line: &str) {

@@ -3,7 +3,9 @@
 //! `steelyard connect` on alice's side. A real HTTP request through alice's listener gets the
 //! answer of the HTTP server behind bob; then 20 concurrent tunnels each move 256 KiB through
 //! an echo service behind bob and get it back intact (checksummed); the broker's session
-//! history shows the sessions ended with an end-to-end RTT.
+//! history shows the sessions ended with an end-to-end RTT. A UDP service behind bob
+//! (`udp:` in bob's `[services]`, `steelyard connect --udp` on alice's side) echoes datagrams
+//! from two client sockets, each its own flow, up to a 60,000-byte datagram, every one intact.
 //!
 //! Relay load: the relay process is started without a broker link; the test feeds the broker
 //! the relay's load over the relay WebSocket under the relay's pre-registered identity, as
@@ -136,6 +138,25 @@ async fn echo_service() -> SocketAddr {
     addr
 }
 
+/// A UDP echo service; counts the datagrams it answered.
+async fn udp_echo_service() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                return;
+            };
+            c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let _ = sock.send_to(&buf[..n], from).await;
+        }
+    });
+    (addr, count)
+}
+
 fn fnv(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
@@ -225,6 +246,7 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
 
     let http = http_service().await;
     let echo = echo_service().await;
+    let (udp_echo, udp_answered) = udp_echo_service().await;
     let (ctl_a, ctl_b) = (free_port(), free_port());
     let a_cfg = agent_config(&dir, addr, "alice", ctl_a, "");
     let b_cfg = agent_config(
@@ -233,7 +255,8 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
         "bob",
         ctl_b,
         &format!(
-            "[services]\nhttp = \"{http}\"\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"
+            "[services]\nhttp = \"{http}\"\necho = \"{echo}\"\ndns = \"udp:{udp_echo}\"\n\
+             [offers]\nallow = [\"alice\"]\n"
         ),
     );
     let (_alice, line) = start(&["agent", "--config", &a_cfg]);
@@ -293,6 +316,48 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     );
     let first = t0.elapsed();
 
+    // UDP: two client sockets, each its own flow and tunnel; every datagram echoed intact.
+    let udp_port = free_udp_port();
+    let (_c3, line) = start(&[
+        "connect",
+        "bob",
+        "dns",
+        "--udp",
+        "--listen",
+        &format!("127.0.0.1:{udp_port}"),
+        "--control",
+        &ctl,
+    ]);
+    assert!(line.contains("listening=udp:"), "{line}");
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let c = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(("127.0.0.1", udp_port)).await.unwrap();
+        clients.push(c);
+    }
+    let mut buf = vec![0u8; 65536];
+    let mut sent = 0u64;
+    for i in 0..40usize {
+        let c = &clients[i % 2];
+        let len = if i == 39 { 60_000 } else { 1 + i * 97 };
+        let d: Vec<u8> = (0..len).map(|j| (i * 7 + j) as u8).collect();
+        c.send(&d).await.unwrap();
+        sent += 1;
+        let n = tokio::time::timeout(Duration::from_secs(15), c.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no echo of UDP datagram {i} ({len} bytes) within 15 s"))
+            .unwrap();
+        assert!(
+            buf[..n] == d[..],
+            "UDP datagram {i} came back altered ({n} of {len} bytes)"
+        );
+    }
+    assert_eq!(
+        udp_answered.load(std::sync::atomic::Ordering::Relaxed),
+        sent,
+        "bob's UDP service answered every datagram once"
+    );
+
     // 20 concurrent tunnels, 256 KiB each way, checksummed.
     let echo_addr: SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
     let t1 = Instant::now();
@@ -315,7 +380,7 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     let e = open_via_agent(ctl_a_addr, "bob", "ssh").await.unwrap_err();
     assert!(
         e.to_string()
-            .contains("exposes no service \"ssh\" (it exposes: echo, http)"),
+            .contains("exposes no service \"ssh\" (it exposes: dns, echo, http)"),
         "{e}"
     );
     let (_carol, _) = start(&[

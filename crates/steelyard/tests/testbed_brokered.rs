@@ -29,7 +29,7 @@ use steelyard_testbed::LinkSpec;
 use testbed_support::{fnv, pattern, topology, Fabric, Shape, FNV_START, RELAYS};
 
 const MIB: usize = 1 << 20;
-/// A tunnel's bytes each way that stay under the agent's goodput report (see the capacity test).
+/// A tunnel's bytes each way that stay under the agent's goodput minimum (see the capacity test).
 const SMALL: usize = 16 * 1024;
 
 /// The broker's choice avoids `loser`: another relay wins and `loser` ranks last or is no
@@ -192,12 +192,13 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
     assert_eq!(d.winner.as_str(), "r0", "{d}");
     assert_eq!(d.rank_of("r1"), Some(1), "{d}");
 
-    // Hold one session on r0: it is full. Every tunnel here moves under the agent's
-    // GOODPUT_MIN_BYTES (64 KiB both ways together) on purpose: the agent reports a tunnel's
-    // goodput as its bytes over its whole life, idle time and set-up included, and the broker
-    // then ranks the relay by that figure instead of the measured bandwidth; a long-held,
-    // mostly idle session made r0 look like a 0.3 Mbit/s path, which it then lost on (not on
-    // capacity), and 1 MiB tunnels made r1 look like 5 Mbit/s.
+    // Hold one session on r0: it is full. Every tunnel here moves under the agent's goodput
+    // minimum (64 KiB in one direction) on purpose. The agent now measures goodput only while
+    // data flows (idle time no longer counts), but the broker ranks a relay by any end-to-end
+    // goodput instead of its measured bandwidth, and through debug-built agents on this busy
+    // machine that figure is bound by the tunnel's encryption, 10 to 25 Mbit/s and noisy: a
+    // 1 MiB tunnel on r0 made r0 lose to r1 on bandwidth (10.4 against 24.7 Mbit/s), not on
+    // capacity.
     let before = f.all_relay_bytes();
     let mut held = f.tunnel();
     roundtrip(&mut held, SMALL);
@@ -330,42 +331,45 @@ struct LiveOutcome {
     end: std::io::Result<()>,
     /// Seconds from the cut to the end of the read side.
     after_kill: f64,
-    /// The read side had not ended [`STUCK_AFTER`] after the cut (the test then shut it).
+    /// Longest wait between two reads after the cut, seconds: the outage the user saw.
+    stall: f64,
+    /// The read side had not ended [`LIVE_DEADLINE`] after the cut (the test then shut it).
     stuck: bool,
 }
 
-/// How long after the cut a live tunnel that neither moves nor closes counts as stuck.
-const STUCK_AFTER: Duration = Duration::from_secs(10);
+/// How long after the cut the live transfer may take to finish (it resumes within seconds and
+/// then moves a few MiB; the bound is for a loaded machine).
+const LIVE_DEADLINE: Duration = Duration::from_secs(45);
 
-/// Today's behaviour when a live tunnel's relay dies: the agent daemon does not resume yet, so
-/// the tunnel closes cleanly and at once (end of stream or reset, never a hang) before the
-/// transfer completes, and alice's agent logs why. Once the daemon resumes live tunnels on
-/// another relay, this is the one place to change: assert `o.complete` and
-/// `o.received == o.total` instead.
-fn assert_live_tunnel_closed_after_relay_loss(o: &LiveOutcome, alice_log: &str) {
-    assert!(!o.stuck, "the live tunnel neither moved nor closed");
-    match &o.end {
-        Ok(()) => {}
-        Err(e) => assert_eq!(
-            e.kind(),
-            std::io::ErrorKind::ConnectionReset,
-            "the live tunnel ended with {e} instead of closing"
-        ),
-    }
+/// What a user wants when a live tunnel's relay dies, by a crash or by going silent: the
+/// transfer continues through another relay and completes, every byte once, in order (the
+/// checksum), and alice's agent says where it moved.
+fn assert_live_tunnel_resumed_through_another_relay(o: &LiveOutcome, alice_log: &str) {
     assert!(
-        o.after_kill < STUCK_AFTER.as_secs_f64(),
-        "the live tunnel took {:.1} s to close",
-        o.after_kill
+        !o.stuck,
+        "the live tunnel did not finish within {LIVE_DEADLINE:?} of the cut ({} of {} bytes)",
+        o.received, o.total
     );
     assert!(
-        o.received < o.total && !o.complete,
-        "the transfer completed ({} of {} bytes)",
-        o.received,
-        o.total
+        o.end.is_ok(),
+        "the live tunnel ended with {:?} instead of completing",
+        o.end
+    );
+    assert_eq!(o.received, o.total, "bytes echoed back");
+    assert!(o.complete, "the echoed bytes differ from what was sent");
+    let resumed: Vec<&str> = alice_log
+        .lines()
+        .filter(|l| l.contains("tunnel resumed"))
+        .collect();
+    assert!(
+        resumed.len() == 1
+            && resumed[0].contains("from_relay=r0")
+            && !resumed[0].contains("to_relay=r0"),
+        "alice's agent does not say the tunnel moved from r0 to another relay once:\n{alice_log}"
     );
     assert!(
-        alice_log.contains("tunnel ended with an error"),
-        "alice's agent does not say why the tunnel ended:\n{alice_log}"
+        !alice_log.contains('\x1b'),
+        "alice's agent log (a file) holds terminal colour codes"
     );
 }
 
@@ -398,8 +402,8 @@ fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
     let d = f.explain().unwrap();
     assert_eq!(d.winner.as_str(), "r0", "{d}");
 
-    // A paced transfer (16 MiB at most ~12 MB/s) through a new tunnel, echoed back.
-    let total = 16 * MIB;
+    // A paced transfer (6 MiB at most ~12 MB/s) through a new tunnel, echoed back.
+    let total = 6 * MIB;
     let before = f.all_relay_bytes();
     let live = f.tunnel();
     let control = live.try_clone().unwrap();
@@ -419,8 +423,18 @@ fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
         std::thread::spawn(move || {
             let mut h = FNV_START;
             let mut buf = vec![0u8; 64 * 1024];
+            let mut stall = Duration::ZERO;
+            let mut last = None;
             let end = loop {
-                match live.read(&mut buf) {
+                let r = live.read(&mut buf);
+                // The longest wait for bytes from the cut on (the wait the cut interrupted
+                // counts from the cut).
+                if let Some(kill) = *killed_at.lock().unwrap() {
+                    let from = last.map_or(kill, |l: Instant| l.max(kill));
+                    stall = stall.max(from.elapsed());
+                    last = Some(Instant::now());
+                }
+                match r {
                     Ok(0) => break Ok(()),
                     Ok(n) => {
                         h = fnv(h, &buf[..n]);
@@ -433,7 +447,7 @@ fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
                 .lock()
                 .unwrap()
                 .map_or(0.0, |t| t.elapsed().as_secs_f64());
-            (h, end, after_kill)
+            (h, end, after_kill, stall.as_secs_f64())
         })
     };
     // Which relay carries it, and kill that relay once 1 MiB has gone through it.
@@ -504,17 +518,21 @@ fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
         failover.as_secs_f64() * 1000.0,
         d.winner
     );
-    // And it is the relay the broker gives new tunnels: its counters, no one else's.
-    let relay = f.echo_through_one_relay(MIB);
-    assert_ne!(relay, victim_id);
+    // The agent moves a new connection on to another relay by itself (a dead relay refuses, a
+    // silent one misses the agent's relay_connect_ms): the first attempt works.
+    assert_eq!(
+        attempts, 1,
+        "the first new connection after the cut failed; the agent left it to the client's timeout"
+    );
 
-    // A live tunnel still open STUCK_AFTER the cut is stuck: end it here so the test ends.
-    while !reader.is_finished() && kill.elapsed() < STUCK_AFTER {
+    // A live tunnel still open LIVE_DEADLINE after the cut is stuck: end it here so the test
+    // ends.
+    while !reader.is_finished() && kill.elapsed() < LIVE_DEADLINE {
         std::thread::sleep(Duration::from_millis(50));
     }
     let stuck = !reader.is_finished();
     let _ = control.shutdown(std::net::Shutdown::Both);
-    let (h, end, after_kill) = reader.join().unwrap();
+    let (h, end, after_kill, stall) = reader.join().unwrap();
     let _ = writer.join().unwrap();
     let outcome = LiveOutcome {
         received: received.load(Ordering::Relaxed),
@@ -522,11 +540,12 @@ fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
         complete: h == fnv(FNV_START, &pattern(total, 11)),
         end,
         after_kill,
+        stall,
         stuck,
     };
     eprintln!(
         "live tunnel: {at_kill} bytes echoed at the cut, {} in all of {total}; its read side \
-         ended {:.0} ms after the cut with {:?}{}",
+         ended {:.0} ms after the cut with {:?}{}; it stalled {:.0} ms at most",
         outcome.received,
         outcome.after_kill * 1000.0,
         outcome.end,
@@ -534,10 +553,18 @@ fn failover(test: &str, cut: Cut) -> Option<(LiveOutcome, String)> {
             " (stuck: shut by the test)"
         } else {
             ""
-        }
+        },
+        outcome.stall * 1000.0
     );
+    // And new tunnels go through the relay the broker gives them: its counters, no one else's
+    // (checked once the live tunnel, which moves bytes through its new relay, is done).
+    let relay = f.echo_through_one_relay(MIB);
+    assert_ne!(relay, victim_id);
     let alice = f.net.log("alice");
-    for line in alice.lines().filter(|l| l.contains("tunnel ended")) {
+    for line in alice
+        .lines()
+        .filter(|l| l.contains("tunnel ended") || l.contains("tunnel resumed"))
+    {
         eprintln!("alice's agent: {line}");
     }
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
@@ -550,7 +577,7 @@ fn a_relay_killed_mid_transfer_new_connections_fail_over() {
     let Some((outcome, alice)) = failover(test, Cut::Kill) else {
         return;
     };
-    assert_live_tunnel_closed_after_relay_loss(&outcome, &alice);
+    assert_live_tunnel_resumed_through_another_relay(&outcome, &alice);
 }
 
 #[test]
@@ -559,24 +586,5 @@ fn a_relay_cut_off_mid_transfer_new_connections_fail_over() {
     let Some((outcome, alice)) = failover(test, Cut::Link) else {
         return;
     };
-    assert_live_tunnel_stuck_after_silent_relay_loss(&outcome, &alice);
-}
-
-/// Today's behaviour when a live tunnel's relay goes silent (no FIN, no RST): the agents have
-/// no keepalive or timeout on the tunnel, so it neither moves nor closes, and nothing is
-/// logged. A defect, asserted so that it is visible: once the daemon detects a silent relay
-/// (and resumes on another), this is the one place to change, to the same checks as
-/// [`assert_live_tunnel_closed_after_relay_loss`] (or `o.complete` once it resumes).
-fn assert_live_tunnel_stuck_after_silent_relay_loss(o: &LiveOutcome, alice_log: &str) {
-    assert!(
-        o.stuck,
-        "the live tunnel ended by itself {:.1} s after its relay went silent ({:?}): \
-         switch this test to the closed/completed checks",
-        o.after_kill, o.end
-    );
-    assert!(!o.complete && o.received < o.total);
-    assert!(
-        !alice_log.contains("tunnel ended"),
-        "alice's agent ended the tunnel: {alice_log}"
-    );
+    assert_live_tunnel_resumed_through_another_relay(&outcome, &alice);
 }
