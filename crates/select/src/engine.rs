@@ -870,7 +870,13 @@ fn estimate_path(
             rtt_ms: e.rtt_ms,
             hops,
             loss: e.loss,
-            bandwidth_kbps: e.bandwidth_kbps.or(legs_bandwidth),
+            // A tunnel's goodput proves the path carries at least that much; it may have been
+            // limited by the application or the endpoints, so it raises the legs' estimate but
+            // never lowers it.
+            bandwidth_kbps: match (e.bandwidth_kbps, legs_bandwidth) {
+                (Some(x), Some(y)) => Some(x.max(y)),
+                (x, y) => x.or(y),
+            },
             distance_km,
             source: PathSource::EndToEnd,
             age_ms,

@@ -764,6 +764,34 @@ fn fresh_end_to_end_metrics_win_over_the_estimate() {
 }
 
 #[test]
+fn end_to_end_goodput_is_a_floor_for_the_bandwidth_not_a_ceiling() {
+    let mut s = world(&["r1", "r2"]);
+    let (a, b) = (PeerId::new("a"), PeerId::new("b"));
+    // An idle or application-limited tunnel through r1 moved only 300 kbit/s; the legs were
+    // measured at 100 Mbit/s. The slow tunnel says nothing about the path's capacity.
+    let slow = EndToEnd {
+        rtt_ms: 20.0,
+        loss: 0.0,
+        bandwidth_kbps: Some(300),
+        measured_at: NOW,
+    };
+    s.end_to_end(&a, &b, &"r1".into(), slow.clone()).unwrap();
+    let d = decide(&s);
+    let r1 = &d.ranked[d.rank_of("r1").expect("r1 is a candidate")];
+    assert_eq!(r1.path.source, PathSource::EndToEnd);
+    assert_eq!(r1.path.bandwidth_kbps, Some(100_000));
+    // A tunnel that moved more than the legs' estimate raises it.
+    let fast = EndToEnd {
+        bandwidth_kbps: Some(400_000),
+        ..slow
+    };
+    s.end_to_end(&a, &b, &"r1".into(), fast).unwrap();
+    let d = decide(&s);
+    let r1 = &d.ranked[d.rank_of("r1").expect("r1 is a candidate")];
+    assert_eq!(r1.path.bandwidth_kbps, Some(400_000));
+}
+
+#[test]
 fn bad_reports_are_refused_with_the_field_named() {
     let mut s = world(&RELAYS);
     let mut bad = path(5.0);

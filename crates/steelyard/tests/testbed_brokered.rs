@@ -29,8 +29,6 @@ use steelyard_testbed::LinkSpec;
 use testbed_support::{fnv, pattern, topology, Fabric, Shape, FNV_START, RELAYS};
 
 const MIB: usize = 1 << 20;
-/// A tunnel's bytes each way that stay under the agent's goodput minimum (see the capacity test).
-const SMALL: usize = 16 * 1024;
 
 /// The broker's choice avoids `loser`: another relay wins and `loser` ranks last or is no
 /// candidate at all.
@@ -192,16 +190,13 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
     assert_eq!(d.winner.as_str(), "r0", "{d}");
     assert_eq!(d.rank_of("r1"), Some(1), "{d}");
 
-    // Hold one session on r0: it is full. Every tunnel here moves under the agent's goodput
-    // minimum (64 KiB in one direction) on purpose. The agent now measures goodput only while
-    // data flows (idle time no longer counts), but the broker ranks a relay by any end-to-end
-    // goodput instead of its measured bandwidth, and through debug-built agents on this busy
-    // machine that figure is bound by the tunnel's encryption, 10 to 25 Mbit/s and noisy: a
-    // 1 MiB tunnel on r0 made r0 lose to r1 on bandwidth (10.4 against 24.7 Mbit/s), not on
-    // capacity.
+    // Hold one session on r0: it is full. Each tunnel moves 1 MiB each way, enough for the
+    // agents to report an end-to-end goodput; through debug-built agents that figure is far
+    // below the legs' measured bandwidth, and the broker must take it as a floor for the
+    // bandwidth, not as the path's capacity, or r0 would lose on bandwidth instead of capacity.
     let before = f.all_relay_bytes();
     let mut held = f.tunnel();
-    roundtrip(&mut held, SMALL);
+    roundtrip(&mut held, MIB);
     assert_eq!(f.tunnel_relays(), ["r0"]);
     assert!(f.all_relay_bytes()[0] > before[0], "r0's counters moved");
     let d = f.wait_decision(Duration::from_secs(10), |d| {
@@ -218,7 +213,7 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
     assert_eq!(d.winner.as_str(), "r1", "the next best wins: {d}");
     println!("r0 full:\n{d}");
     for _ in 0..2 {
-        assert_eq!(f.echo_through_one_relay(SMALL), "r1");
+        assert_eq!(f.echo_through_one_relay(MIB), "r1");
     }
     roundtrip(&mut held, 1024); // still open, still on r0
 
@@ -231,7 +226,7 @@ fn a_relay_at_capacity_yields_to_the_next_best_and_wins_back_when_free() {
         freed.elapsed().as_secs_f64()
     );
     println!("r0 free:\n{d}");
-    assert_eq!(f.echo_through_one_relay(SMALL), "r0");
+    assert_eq!(f.echo_through_one_relay(MIB), "r0");
     eprintln!("{test}: {:.1} s", started.elapsed().as_secs_f64());
 }
 
