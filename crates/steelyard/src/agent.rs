@@ -4,7 +4,6 @@
 //! On start it prints one line on stdout, `agent <peer> control=<addr> key=<hex>`, so scripts
 //! and tests can find the control endpoint and the public key the broker will record.
 
-use std::io::IsTerminal as _;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -34,15 +33,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.enroll_token.is_some() {
         cfg.enroll_token = args.enroll_token;
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only for a person at a terminal, never into a log file.
-        .with_ansi(std::io::stderr().is_terminal())
-        .try_init();
+    crate::logging::init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -5,6 +5,7 @@ mod agent;
 mod broker;
 mod connect;
 mod demo;
+mod logging;
 mod measure;
 mod relay;
 mod scenario;

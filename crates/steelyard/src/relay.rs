@@ -135,13 +135,7 @@ pub fn run(args: RelayArgs) -> anyhow::Result<()> {
         println!("{}", toml::to_string_pretty(&shown)?);
         return Ok(());
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::logging::init();
     if let Some(n) = steelyard_relay::server::raise_nofile_limit() {
         let _ = n;
     }
