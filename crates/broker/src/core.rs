@@ -739,25 +739,16 @@ impl Core {
             .decide(&request, now)
             .map_err(|e| no_choice_error(&e).for_request(req.request_id))?;
         // A relay the requester just lost a tunnel through is skipped even if the broker has
-        // not noticed yet; the next one in rank order takes the session.
+        // not noticed yet; the next one in rank order takes the session. If every usable relay
+        // is avoided, the winner takes it anyway: the broker still sees it connected and
+        // reporting (a dead relay's channel drop already took it out of the ranking), so the
+        // requester's loss was likely a stall, and refusing would end a tunnel that can resume.
         let avoided = |r: &str| req.avoid.iter().any(|a| a == r);
-        let relay = if avoided(decision.winner.as_str()) {
-            match decision.ranked.iter().find(|c| !avoided(c.relay.as_str())) {
-                Some(c) => c.relay.clone(),
-                None => {
-                    return fail(
-                        ErrorCode::NoUsableRelay,
-                        format!(
-                            "every usable relay is on the avoid list ({}): no other relay \
-                             reaches both peers",
-                            req.avoid.join(", ")
-                        ),
-                    )
-                }
-            }
-        } else {
-            decision.winner.clone()
-        };
+        let relay = decision
+            .ranked
+            .iter()
+            .find(|c| !avoided(c.relay.as_str()))
+            .map_or_else(|| decision.winner.clone(), |c| c.relay.clone());
         self.selector
             .record_assignment(relay.as_str(), now)
             .map_err(|e| err(ErrorCode::Internal, e.to_string()).for_request(req.request_id))?;

@@ -215,8 +215,11 @@ pub struct ConnectRequest {
     /// session is not for a named service. Passed to the other peer in [`Offer::service`].
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service: String,
-    /// Relays not to use for this session, at most [`MAX_AVOID_RELAYS`]: the agent just lost a
-    /// tunnel through them (the broker may not have noticed yet) and is resuming it.
+    /// Relays not to use for this session if another usable relay reaches both peers, at most
+    /// [`MAX_AVOID_RELAYS`]: the agent just lost a tunnel through them (the broker may not have
+    /// noticed yet) and is resuming it. When every usable relay is listed, the best of them is
+    /// used anyway: the broker still sees it connected and reporting, so the loss may have been
+    /// a stall rather than a dead relay.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub avoid: Vec<String>,
 }
