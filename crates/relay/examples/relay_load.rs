@@ -18,7 +18,8 @@
 //!   both sides dial the relay (`--target`) with tickets signed by `--seed` for `--relay-id`.
 //!   Each sender writes `--buf`-byte buffers for `--secs` seconds after a warm-up (`--both`:
 //!   the receivers send as well). Prints one JSON line: goodput over the measured window and,
-//!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`).
+//!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`, 10 ms
+//!   ticks; `path_run_s`: the same from `/proc/PID/task/*/schedstat`, in nanoseconds).
 //! * `udp`: two bound sides of one relay session send `--payload`-byte datagrams to each other
 //!   for `--secs` seconds (at most `--max-datagrams` each); prints the datagrams delivered per
 //!   second, the relay's CPU seconds and both sides' ports. Offered load: flat out (`--rate 0`),
@@ -104,6 +105,17 @@ fn cpu_secs(pid: &str) -> f64 {
         .flatten()
         .unwrap_or(100) as f64;
     ticks / hz
+}
+
+/// On-CPU seconds of every live thread of process `pid` from `/proc/PID/task/*/schedstat`
+/// (nanoseconds, where `/proc/PID/stat` counts 10 ms ticks); time of exited threads is lost.
+fn run_secs(pid: &str) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }
 
 struct Tickets {
@@ -216,6 +228,7 @@ struct Snap {
     bytes: u64,
     cpu: f64,
     own: f64,
+    run: Option<f64>,
     switches: Option<u64>,
 }
 
@@ -242,6 +255,7 @@ fn snap(bytes: &AtomicU64, pid: &Option<String>) -> Snap {
         bytes: bytes.load(Relaxed),
         cpu: pid.as_deref().map_or(f64::NAN, cpu_secs),
         own: cpu_secs("self"),
+        run: pid.as_deref().and_then(run_secs),
         switches: pid.as_deref().and_then(context_switches),
     }
 }
@@ -255,12 +269,16 @@ fn report(kind: &str, mode: &str, extra: &str, s0: &Snap, s1: &Snap, unit: &str)
     } else {
         format!("{cpu:.3}")
     };
+    let run = match (s0.run, s1.run) {
+        (Some(a), Some(b)) => format!("{:.4}", b - a),
+        _ => "null".into(),
+    };
     let switches = match (s0.switches, s1.switches) {
         (Some(a), Some(b)) => (b - a).to_string(),
         _ => "null".into(),
     };
     println!(
-        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"path_switches\":{switches},\"client_cpu_s\":{:.3}}}",
+        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"path_run_s\":{run},\"path_switches\":{switches},\"client_cpu_s\":{:.3}}}",
         n / secs,
         s1.own - s0.own
     );
