@@ -6,13 +6,24 @@
 # loopback peers allowed), driven by its own turnutils_uclient (50 allocations, 200-byte
 # messages, -z 0) against turnutils_peer (echo). Each echoed message was relayed twice by
 # turnserver (client -> peer, peer -> client), so relayed = 2 x tot_recv_msgs from uclient's own
-# per-second progress lines; turnserver's CPU comes from /proc over the same window.
-# ours: one relay session, both sides sending 200-byte payloads to each other through the relay
-# (crates/relay/examples/relay_load.rs udp, paced in bursts every millisecond); relayed =
-# datagrams delivered. Ours runs at the rate coturn reached (paced) and flat out. Rounds
-# alternate coturn / ours. Both rows also give datagrams per context switch of the relaying
-# process (all threads, /proc/PID/task/*/status): the per-datagram cost at a given rate depends
-# mostly on how many datagrams each wakeup finds, i.e. on how bursty the load generator is.
+# per-second progress lines; turnserver's CPU (on-CPU ns of all its threads,
+# /proc/PID/task/*/schedstat; /proc/PID/stat counts only 10 ms ticks) over the same window.
+# ours: one relay session, 200-byte payloads through the relay (crates/relay/examples/relay_load.rs
+# udp); relayed = datagrams delivered. Ours runs three ways per round, after coturn's round:
+#  * burst: the offered pattern of turnutils_uclient + turnutils_peer. Before the rounds, one
+#    unmeasured calibration run of uclient is captured with tcpdump on lo (tcpdump is never on
+#    during a measured round: on lo its tap is charged to the sending process) and its data
+#    datagrams to turnserver are split into bursts at gaps > 500 us. relay_load then sends
+#    bursts of the median size (uclient's steady tick: one message per allocation; larger
+#    bursts are catch-ups when it runs late, which relay_load does by itself too) from side A,
+#    back to back, at the rate coturn reached in that round (so every burst/rate seconds), and
+#    side B echoes each datagram like turnutils_peer.
+#    After the rounds one relay_load burst run is captured the same way to check the pattern.
+#  * paced: both sides send at coturn's rate, topped up every millisecond (a few per tick).
+#  * flat out: both sides send as fast as they can.
+# Every row gives datagrams per context switch of the relaying process (all threads,
+# /proc/PID/task/*/status): the per-datagram cost at a given rate depends mostly on how many
+# datagrams each wakeup finds, i.e. on how bursty the load generator is.
 # Env: RELAY_BENCH_SECS (5), RELAY_BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,13 +31,71 @@ DUR=${RELAY_BENCH_SECS:-5}
 ROUNDS=${RELAY_BENCH_ROUNDS:-3}
 log() { echo "[relay-udp] $*" >&2; }
 command -v turnserver >/dev/null || { log "installing coturn"; apt-get install -y coturn >&2; }
+command -v tcpdump >/dev/null || { log "installing tcpdump"; apt-get install -y tcpdump >&2; }
 log "building release binaries"
 cargo build --release -p steelyard-relay --example relay_load >&2
 cargo build --release -p steelyard --bin steelyard >&2
 LOAD=target/release/examples/relay_load
 WORK=$(mktemp -d)
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
+# The relay drains on SIGTERM and exits at once on a second one. Everything is gone (and its
+# ports free for the next run) before this returns.
+cleanup() {
+  local p i
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do
+    for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$p" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+# Splits the data datagrams of a pcap (UDP payload >= 200 bytes) matching "src PORT" or
+# "dst PORT" into bursts at gaps > 500 us; prints JSON: bursts, mean and median size,
+# mean and median interval between burst starts, rate.
+burst_pattern() {
+  python3 - "$@" <<'PY'
+import json, statistics as st, struct, sys
+path, which, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+f = open(path, "rb")
+hdr = f.read(24)
+if len(hdr) < 24:
+    sys.exit(f"{path}: no pcap header (did tcpdump run?)")
+nano = struct.unpack("<I", hdr[:4])[0] == 0xA1B23C4D
+ts = []
+while len(h := f.read(16)) == 16:
+    sec, frac, incl, _ = struct.unpack("<IIII", h)
+    d = f.read(incl)
+    ip = d[14:]  # lo is EN10MB
+    if len(ip) < 28 or ip[9] != 17:
+        continue
+    ihl = (ip[0] & 15) * 4
+    sp, dp, ulen = struct.unpack("!HHH", ip[ihl:ihl + 6])
+    if ulen - 8 >= 200 and (sp if which == "src" else dp) == port:
+        ts.append(sec + frac / (1e9 if nano else 1e6))
+if len(ts) < 100:
+    sys.exit(f"{path}: only {len(ts)} data datagrams with {which} port {port}")
+sizes, starts, n = [], [ts[0]], 1
+for a, b in zip(ts, ts[1:]):
+    if b - a > 500e-6:
+        sizes.append(n); starts.append(b); n = 1
+    else:
+        n += 1
+sizes.append(n)
+iv = [b - a for a, b in zip(starts, starts[1:])] or [0.0]
+print(json.dumps({"datagrams": len(ts), "bursts": len(sizes), "mean_burst": st.mean(sizes),
+                  "median_burst": st.median(sizes), "mean_interval_ms": st.mean(iv) * 1e3,
+                  "median_interval_ms": st.median(iv) * 1e3,
+                  "rate": (len(ts) - 1) / max(ts[-1] - ts[0], 1e-9)}))
+PY
+}
+capture() { # PCAP FILTER: starts tcpdump on lo in the background, sets TD
+  tcpdump -i lo -nn -Z root -B 16384 -s 96 -w "$1" "$2" 2>"$1.log" & TD=$!
+  PIDS+=("$TD")
+  for _ in $(seq 50); do grep -q listening "$1.log" 2>/dev/null && return; sleep 0.1; done
+  log "tcpdump did not start: $(cat "$1.log")"; exit 1
+}
+stop_capture() { kill "$TD"; wait "$TD" || true; }
 trap cleanup EXIT
 trap 'cat "$WORK"/*.log >&2 2>/dev/null || true' ERR
 
@@ -57,9 +126,9 @@ coturn_round() {
 import json, re, sys, time
 pid = sys.argv[1]
 import os
-def cpu():
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / 100.0
+def run():
+    return sum(int(open(f"/proc/{pid}/task/{t}/schedstat").read().split()[0])
+               for t in os.listdir(f"/proc/{pid}/task")) / 1e9
 def switches():
     n = 0
     for t in os.listdir(f"/proc/{pid}/task"):
@@ -71,7 +140,7 @@ pts = []
 for line in sys.stdin:
     m = re.search(r"start_mclient: msz=\d+, tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", line)
     if m:
-        pts.append((time.time(), int(m.group(1)), int(m.group(2)), cpu(), switches()))
+        pts.append((time.time(), int(m.group(1)), int(m.group(2)), run(), switches()))
 pts = [p for p in pts if p[1] > 0]
 if len(pts) < 3:
     sys.exit("uclient printed too few progress lines")
@@ -79,43 +148,75 @@ if len(pts) < 3:
 (t0, s0, r0, c0, w0), (t1, s1, r1, c1, w1) = pts[0], pts[-1]
 relayed = 2 * (r1 - r0)
 print(json.dumps({"kind": "coturn", "secs": t1 - t0, "datagrams": relayed,
-                  "per_sec": relayed / (t1 - t0), "path_cpu_s": c1 - c0,
+                  "per_sec": relayed / (t1 - t0), "path_run_s": c1 - c0,
                   "path_switches": w1 - w0, "sent": s1 - s0, "echoed": r1 - r0}))
 ' "$TPID"
 }
-ours_round() { # rate per side (0 = flat out)
+ours_round() { # rate per side (0 = flat out), burst size (0 = paced), secs
   timeout $((DUR + 60)) "$LOAD" udp --target 127.0.0.1:$P_UDP --seed "$SEED" --relay-id bench-relay \
-    --secs "$DUR" --payload 200 --pid "$RPID" --rate "$1"
+    --secs "${3:-$DUR}" --payload 200 --pid "$RPID" --rate "$1" --burst "$2"
 }
+log "calibration (not measured): turnutils_uclient's sending pattern under tcpdump"
+capture "$WORK/uclient.pcap" "udp and dst port $P_TURN"
+timeout 90 turnutils_uclient -u bench -w bench -p $P_TURN -e 127.0.0.1 -r $P_PEER \
+  -l 200 -n 480 -m 50 -z 0 -c 127.0.0.1 >"$WORK/calib.log" 2>&1
+stop_capture
+UC_PAT=$(burst_pattern "$WORK/uclient.pcap" dst $P_TURN)
+log "uclient pattern: $UC_PAT"
+BURST=$(python3 -c 'import json,sys; print(max(1, round(json.loads(sys.argv[1])["median_burst"])))' "$UC_PAT")
 for r in $(seq "$ROUNDS"); do
   log "round $r/$ROUNDS: coturn (turnutils_uclient)"
   coturn_round | tee -a "$WORK/results.jsonl" >&2
   rate=$(tail -1 "$WORK/results.jsonl" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["per_sec"] / 2))')
-  log "round $r/$ROUNDS: relay at coturn's rate ($rate/s per side)"
-  ours_round "$rate" | sed 's/"kind":"udp"/"kind":"paced"/' | tee -a "$WORK/results.jsonl" >&2
+  log "round $r/$ROUNDS: relay, uclient's pattern: bursts of $BURST at $rate/s per side, echoed"
+  ours_round "$rate" "$BURST" | sed 's/"kind":"udp"/"kind":"burst"/' | tee -a "$WORK/results.jsonl" >&2
+  log "round $r/$ROUNDS: relay at coturn's rate ($rate/s per side), paced every millisecond"
+  ours_round "$rate" 0 | sed 's/"kind":"udp"/"kind":"paced"/' | tee -a "$WORK/results.jsonl" >&2
   log "round $r/$ROUNDS: relay flat out"
-  ours_round 0 | tee -a "$WORK/results.jsonl" >&2
+  ours_round 0 0 | tee -a "$WORK/results.jsonl" >&2
 done
-python3 - "$WORK/results.jsonl" "$DUR" "$ROUNDS" "$RELAY_DESC" "$TURN_VER" "$LOADAVG" <<'PY'
+log "pattern check (not measured): relay_load burst mode under tcpdump at $rate/s per side"
+capture "$WORK/ours.pcap" "udp and dst port $P_UDP"
+CHECK=$(ours_round "$rate" "$BURST" 2)
+stop_capture
+PORT_A=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["port_a"])' "$CHECK")
+OURS_PAT=$(burst_pattern "$WORK/ours.pcap" src "$PORT_A")
+log "relay_load pattern: $OURS_PAT"
+python3 - "$WORK/results.jsonl" "$DUR" "$ROUNDS" "$RELAY_DESC" "$TURN_VER" "$LOADAVG" "$BURST" \
+  "$UC_PAT" "$OURS_PAT" <<'PY'
 import json, statistics, sys
-path, dur, rounds, relay_desc, turn_ver, loadavg = sys.argv[1:]
+path, dur, rounds, relay_desc, turn_ver, loadavg, burst, uc_pat, ours_pat = sys.argv[1:]
+uc, ou = json.loads(uc_pat), json.loads(ours_pat)
 rows = [json.loads(l) for l in open(path) if l.strip()]
 def agg(kind):
     rs = [r for r in rows if r["kind"] == kind]
     rate = statistics.median(r["per_sec"] for r in rs)
-    per_cpu = sum(r["datagrams"] for r in rs) / sum(r["path_cpu_s"] for r in rs)
+    per_cpu = sum(r["datagrams"] for r in rs) / sum(r["path_run_s"] for r in rs)
     per_switch = sum(r["datagrams"] for r in rs) / max(1, sum(r["path_switches"] for r in rs))
     return rate, per_cpu, ", ".join("%.0f" % r["per_sec"] for r in rs), per_switch
 c_rate, c_pc, c_sp, c_ps = agg("coturn")
+b_rate, b_pc, b_sp, b_ps = agg("burst")
 p_rate, p_pc, p_sp, p_ps = agg("paced")
 u_rate, u_pc, u_sp, u_ps = agg("udp")
 common = (f"median of {rounds} alternating rounds; relay: {relay_desc}; coturn {turn_ver} with its own "
           f"turnutils_uclient (50 allocations, -l 200 -z 0) + turnutils_peer, relayed = 2 × echoed messages "
-          f"from uclient's progress lines; ours: `relay_load udp`, 1 session, both sides sending; CPU from "
-          f"/proc/PID/stat of the relaying process only; 2 shared cores, load average {loadavg} at start")
-print(f"| relay UDP at coturn's rate, 200-byte payload | {p_rate:,.0f} datagrams/s, {p_pc:,.0f} per CPU s "
+          f"from uclient's progress lines; ours: `relay_load udp`, 1 session, both sides sending; CPU: on-CPU "
+          f"time of the relaying process's threads (/proc/PID/task/*/schedstat, ns) only; 2 shared cores, load average {loadavg} at start")
+def pat(p):
+    return (f"{p['mean_burst']:.1f} datagrams per burst (median {p['median_burst']:.0f}) every "
+            f"{p['mean_interval_ms']:.2f} ms (median {p['median_interval_ms']:.2f}), {p['rate']:,.0f}/s")
+print(f"| relay UDP, same offered pattern as turnutils_uclient, 200-byte payload | {b_rate:,.0f} datagrams/s, "
+      f"{b_pc:,.0f} per CPU s ({1e6/b_pc:.2f} CPU s per million) | coturn {c_rate:,.0f} datagrams/s, {c_pc:,.0f} "
+      f"per CPU s ({1e6/c_pc:.2f} CPU s per million) | {b_pc/c_pc:.2f}× per CPU s (goal ≥ 2×) | uclient's pattern "
+      f"(tcpdump on lo, unmeasured calibration run, data datagrams to turnserver split at gaps > 500 µs): "
+      f"{pat(uc)}; ours: side A sends bursts of {burst} (uclient's median) back to back at coturn's rate in "
+      f"each round, catching up when late, side B echoes each like turnutils_peer; check capture of relay_load at the last round's rate: {pat(ou)}; "
+      f"rounds (datagrams/s) ours {b_sp}, coturn {c_sp}; datagrams per context switch of the relaying process "
+      f"ours {b_ps:.1f}, coturn {c_ps:.1f}; coturn has 50 allocations, ours 1 session; {common} |")
+print(f"| relay UDP at coturn's rate, paced every millisecond, 200-byte payload | {p_rate:,.0f} datagrams/s, {p_pc:,.0f} per CPU s "
       f"({1e6/p_pc:.2f} CPU s per million) | coturn {c_rate:,.0f} datagrams/s, {c_pc:,.0f} per CPU s "
-      f"({1e6/c_pc:.2f} CPU s per million) | {p_pc/c_pc:.2f}× per CPU s (goal ≥ 2×) | same offered rate; "
+      f"({1e6/c_pc:.2f} CPU s per million) | {p_pc/c_pc:.2f}× per CPU s (goal ≥ 2×) | same offered rate, smoother than coturn's load: both sides "
+      f"top up to the rate every millisecond; "
       f"rounds (datagrams/s) ours {p_sp}, coturn {c_sp}; datagrams per context switch of the relaying "
       f"process (how well it batches) ours {p_ps:.1f}, coturn {c_ps:.1f}; {common} |")
 print(f"| relay UDP flat out, 200-byte payload | {u_rate:,.0f} datagrams/s, {u_pc:,.0f} per CPU s "

@@ -7,7 +7,7 @@
 //!            [--target ADDR] [--listen ADDR] [--seed HEX --relay-id ID] [--pid PID]
 //!            [--io threads|tokio] [--warmup-ms MS]
 //! relay_load udp --target RELAY_UDP --seed HEX --relay-id ID [--secs T] [--payload 200]
-//!            [--max-datagrams N] [--pid PID]
+//!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N]]
 //! relay_load idle relay|haproxy --sessions N --target ADDR [--listen ADDR] [--seed ...]
 //!            [--ready-file PATH] [--hold SECS]
 //! ```
@@ -18,10 +18,14 @@
 //!   both sides dial the relay (`--target`) with tickets signed by `--seed` for `--relay-id`.
 //!   Each sender writes `--buf`-byte buffers for `--secs` seconds after a warm-up (`--both`:
 //!   the receivers send as well). Prints one JSON line: goodput over the measured window and,
-//!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`).
+//!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`, 10 ms
+//!   ticks; `path_run_s`: the same from `/proc/PID/task/*/schedstat`, in nanoseconds).
 //! * `udp`: two bound sides of one relay session send `--payload`-byte datagrams to each other
-//!   as fast as they can for `--secs` seconds (at most `--max-datagrams` each); prints the
-//!   datagrams delivered per second and the relay's CPU seconds.
+//!   for `--secs` seconds (at most `--max-datagrams` each); prints the datagrams delivered per
+//!   second, the relay's CPU seconds and both sides' ports. Offered load: flat out (`--rate 0`),
+//!   paced (`--rate R`: each side tops up to R/s every millisecond), or bursts (`--rate R
+//!   --burst N`: side A sends N back to back every N/R s, side B echoes each datagram it gets;
+//!   the shape of turnutils_uclient + turnutils_peer).
 //! * `idle`: opens N paired sessions (through the relay, or through HAProxy to our listener),
 //!   writes `--ready-file` when all are open, holds them `--hold` seconds, then exits.
 //!
@@ -101,6 +105,17 @@ fn cpu_secs(pid: &str) -> f64 {
         .flatten()
         .unwrap_or(100) as f64;
     ticks / hz
+}
+
+/// On-CPU seconds of every live thread of process `pid` from `/proc/PID/task/*/schedstat`
+/// (nanoseconds, where `/proc/PID/stat` counts 10 ms ticks); time of exited threads is lost.
+fn run_secs(pid: &str) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let s = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += s.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
 }
 
 struct Tickets {
@@ -213,6 +228,7 @@ struct Snap {
     bytes: u64,
     cpu: f64,
     own: f64,
+    run: Option<f64>,
     switches: Option<u64>,
 }
 
@@ -239,6 +255,7 @@ fn snap(bytes: &AtomicU64, pid: &Option<String>) -> Snap {
         bytes: bytes.load(Relaxed),
         cpu: pid.as_deref().map_or(f64::NAN, cpu_secs),
         own: cpu_secs("self"),
+        run: pid.as_deref().and_then(run_secs),
         switches: pid.as_deref().and_then(context_switches),
     }
 }
@@ -252,12 +269,16 @@ fn report(kind: &str, mode: &str, extra: &str, s0: &Snap, s1: &Snap, unit: &str)
     } else {
         format!("{cpu:.3}")
     };
+    let run = match (s0.run, s1.run) {
+        (Some(a), Some(b)) => format!("{:.4}", b - a),
+        _ => "null".into(),
+    };
     let switches = match (s0.switches, s1.switches) {
         (Some(a), Some(b)) => (b - a).to_string(),
         _ => "null".into(),
     };
     println!(
-        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"path_switches\":{switches},\"client_cpu_s\":{:.3}}}",
+        "{{\"kind\":\"{kind}\",\"mode\":\"{mode}\",{extra}\"secs\":{secs:.3},\"{unit}\":{n},\"per_sec\":{:.1},\"path_cpu_s\":{cpu_json},\"path_run_s\":{run},\"path_switches\":{switches},\"client_cpu_s\":{:.3}}}",
         n / secs,
         s1.own - s0.own
     );
@@ -395,8 +416,13 @@ fn udp(a: &Args) {
     let secs: f64 = a.get("secs", 5.0);
     let payload: usize = a.get("payload", 200);
     let max: u64 = a.get("max-datagrams", 50_000_000);
-    // Datagrams per second per side; 0 = as fast as possible. Sent in bursts every millisecond.
+    // Datagrams per second per side; 0 = as fast as possible.
     let rate: u64 = a.get("rate", 0);
+    // Datagrams per burst (0 = paced: each side tops up to the rate every millisecond).
+    let burst: u64 = a.get("burst", 0);
+    if burst > 0 && rate == 0 {
+        die("--burst needs --rate: bursts of --burst datagrams every burst/rate seconds");
+    }
     let warmup = Duration::from_millis(a.get("warmup-ms", 300));
     let pid: Option<String> = a.opt.get("pid").cloned();
     let tickets = Tickets::from_args(a);
@@ -422,38 +448,38 @@ fn udp(a: &Args) {
     let dgram = wire::encode_udp(UdpKind::Data, sid, &vec![0x5au8; payload]);
     let got = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
+    let ports = format!(
+        "\"port_a\":{},\"port_b\":{},",
+        sa.local_addr().expect("addr").port(),
+        sb.local_addr().expect("addr").port()
+    );
     let mut hs = Vec::new();
-    for (tx, rx) in [(&sa, &sb), (&sb, &sa)] {
+    for (i, (tx, rx)) in [(&sa, &sb), (&sb, &sa)].into_iter().enumerate() {
         let tx = tx.try_clone().expect("clone");
         let rx = rx.try_clone().expect("clone");
         tx.set_nonblocking(false).expect("blocking");
         rx.set_nonblocking(false).expect("blocking");
         rx.set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");
+        // Burst mode: side B echoes every datagram it gets, as turnutils_peer does, and so
+        // only side A originates.
+        let echo = (burst > 0 && i == 0).then(|| (rx.try_clone().expect("clone"), dgram.clone()));
         let (stop, got, dgram) = (stop.clone(), got.clone(), dgram.clone());
         let stop2 = stop.clone();
-        hs.push(std::thread::spawn(move || {
-            let mut sent = 0u64;
-            let start = Instant::now();
-            while sent < max && !stop.load(Relaxed) {
-                if rate > 0 {
-                    let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
-                    if sent >= due {
-                        std::thread::sleep(Duration::from_millis(1));
-                        continue;
-                    }
-                }
-                if tx.send_to(&dgram, target).is_ok() {
-                    sent += 1;
-                }
-            }
-        }));
+        if burst == 0 || i == 0 {
+            hs.push(std::thread::spawn(move || {
+                send_loop(&tx, target, &dgram, max, rate, burst, &stop);
+            }));
+        }
         hs.push(std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
             loop {
                 match rx.recv_from(&mut buf) {
                     Ok(_) => {
                         got.fetch_add(1, Relaxed);
+                        if let Some((sock, d)) = &echo {
+                            let _ = sock.send_to(d, target);
+                        }
                     }
                     Err(_) if stop2.load(Relaxed) => return,
                     Err(_) => {}
@@ -469,13 +495,56 @@ fn udp(a: &Args) {
     report(
         "udp",
         "relay",
-        &format!("\"payload\":{payload},\"rate_per_side\":{rate},"),
+        &format!("\"payload\":{payload},\"rate_per_side\":{rate},\"burst\":{burst},{ports}"),
         &s0,
         &s1,
         "datagrams",
     );
     for h in hs {
         let _ = h.join();
+    }
+}
+
+/// Sends `dgram` to `target` until `stop` or `max` datagrams. `rate` 0: flat out. `burst` 0:
+/// paced, topping up to `rate` every millisecond (a few datagrams per tick). `burst` N: N
+/// datagrams back to back every N / `rate` seconds, catching up at once when late, which is
+/// how turnutils_uclient sends (one message per allocation per timer tick).
+fn send_loop(
+    tx: &std::net::UdpSocket,
+    target: SocketAddr,
+    dgram: &[u8],
+    max: u64,
+    rate: u64,
+    burst: u64,
+    stop: &AtomicBool,
+) {
+    let mut sent = 0u64;
+    let start = Instant::now();
+    while sent < max && !stop.load(Relaxed) {
+        if rate > 0 {
+            let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+            if burst > 0 {
+                // Burst k is due at k * burst / rate; sleep until the next one.
+                if sent > due {
+                    let next = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    std::thread::sleep(next.saturating_sub(start.elapsed()));
+                    continue;
+                }
+                for _ in 0..burst {
+                    if tx.send_to(dgram, target).is_ok() {
+                        sent += 1;
+                    }
+                }
+                continue;
+            }
+            if sent >= due {
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+        }
+        if tx.send_to(dgram, target).is_ok() {
+            sent += 1;
+        }
     }
 }
 
