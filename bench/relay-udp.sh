@@ -11,10 +11,14 @@
 # ours: 200-byte payloads through the relay (crates/relay/examples/relay_load.rs udp); relayed =
 # datagrams delivered. Ours runs four ways per round, after coturn's round:
 #  * sessions: like for like with uclient: as many relay sessions as uclient has allocations
-#    (ALLOC, 50), each with its own tickets and side A / side B sockets; side A sends one
-#    datagram per session per tick (bursts of ALLOC back to back) at coturn's rate in that
-#    round, side B echoes each on the session's own socket, as turnutils_peer echoes to each
-#    allocation's relayed address.
+#    (ALLOC, 50), each with its own tickets and side A / side B sockets, offered what uclient
+#    was seen to send on the wire: each burst (BURST back to back) from ONE allocation, the
+#    allocations taking turns, each for (messages per allocation / BURST) bursts; side B
+#    echoes each on the session's own socket, as turnutils_peer echoes to each allocation's
+#    relayed address. At coturn's rate in that round.
+#  * spread: the same 50 sessions, each burst spread one datagram per session (what uclient
+#    was assumed to do; it does not, see the calibration's flows per burst), so no two
+#    datagrams of a burst go to the same destination.
 #  * burst: the same offered pattern through ONE relay session. Before the rounds, one
 #    unmeasured calibration run of uclient is captured with tcpdump on lo (tcpdump is never on
 #    during a measured round: on lo its tap is charged to the sending process) and its data
@@ -37,6 +41,9 @@ cd "$(dirname "$0")/.."
 DUR=${RELAY_BENCH_SECS:-5}
 ROUNDS=${RELAY_BENCH_ROUNDS:-3}
 ALLOC=${RELAY_BENCH_ALLOC:-50}
+# Messages per allocation in a measured coturn round: its message phase lasts about DUR s at
+# ~12k/s.
+N_MSG=$((DUR * 240))
 log() { echo "[relay-udp] $*" >&2; }
 command -v turnserver >/dev/null || { log "installing coturn"; apt-get install -y coturn >&2; }
 command -v tcpdump >/dev/null || { log "installing tcpdump"; apt-get install -y tcpdump >&2; }
@@ -60,8 +67,9 @@ cleanup() {
 }
 # Splits the data datagrams of a pcap (UDP payload >= 200 bytes) matching "src PORTS" or
 # "dst PORTS" (PORTS: comma-separated) into bursts at gaps > 500 us; prints JSON: bursts, mean
-# and median size, mean and median interval between burst starts, rate, and the median number
-# of distinct other-end ports (sockets, i.e. allocations or sessions) per burst.
+# and median size, mean and median interval between burst starts, rate, the median number of
+# distinct flows (source and destination port pairs: allocations or sessions) per burst, and
+# in all.
 burst_pattern() {
   python3 - "$@" <<'PY'
 import json, statistics as st, struct, sys
@@ -82,7 +90,7 @@ while len(h := f.read(16)) == 16:
     sp, dp, ulen = struct.unpack("!HHH", ip[ihl:ihl + 6])
     if ulen - 8 >= 200 and (sp if which == "src" else dp) in ports:
         ts.append(sec + frac / (1e9 if nano else 1e6))
-        peers.append(dp if which == "src" else sp)
+        peers.append((sp, dp))
 if len(ts) < 100:
     sys.exit(f"{path}: only {len(ts)} data datagrams with {which} port in {sorted(ports)}")
 sizes, starts, n, distinct, cur = [], [ts[0]], 1, [], {peers[0]}
@@ -98,7 +106,7 @@ print(json.dumps({"datagrams": len(ts), "bursts": len(sizes), "mean_burst": st.m
                   "median_burst": st.median(sizes), "mean_interval_ms": st.mean(iv) * 1e3,
                   "median_interval_ms": st.median(iv) * 1e3,
                   "rate": (len(ts) - 1) / max(ts[-1] - ts[0], 1e-9),
-                  "median_sockets_per_burst": st.median(distinct)}))
+                  "median_flows_per_burst": st.median(distinct), "flows": len(set(peers))}))
 PY
 }
 capture() { # PCAP FILTER: starts tcpdump on lo in the background, sets TD
@@ -132,7 +140,7 @@ LOADAVG=$(cut -d' ' -f1 /proc/loadavg)
 
 coturn_round() {
   # Messages per allocation so that the message phase lasts about DUR seconds at ~12k/s.
-  local n=$((DUR * 240))
+  local n=$N_MSG
   timeout $((DUR + 90)) turnutils_uclient -u bench -w bench -p $P_TURN -e 127.0.0.1 -r $P_PEER \
     -l 200 -n "$n" -m "$ALLOC" -z 0 -c 127.0.0.1 2>&1 | python3 -c '
 import json, re, sys, time
@@ -164,9 +172,10 @@ print(json.dumps({"kind": "coturn", "secs": t1 - t0, "datagrams": relayed,
                   "path_switches": w1 - w0, "sent": s1 - s0, "echoed": r1 - r0}))
 ' "$TPID"
 }
-ours_round() { # rate per side (0 = flat out), burst size (0 = paced), sessions, secs
+ours_round() { # rate per side (0 = flat out), burst size (0 = paced), sessions, session bursts, secs
   timeout $((DUR + 60)) "$LOAD" udp --target 127.0.0.1:$P_UDP --seed "$SEED" --relay-id bench-relay \
-    --secs "${4:-$DUR}" --payload 200 --pid "$RPID" --rate "$1" --burst "$2" --sessions "$3"
+    --secs "${5:-$DUR}" --payload 200 --pid "$RPID" --rate "$1" --burst "$2" --sessions "$3" \
+    --session-bursts "$4"
 }
 log "calibration (not measured): turnutils_uclient's sending pattern under tcpdump"
 capture "$WORK/uclient.pcap" "udp and (dst port $P_TURN or src port $P_PEER)"
@@ -177,41 +186,49 @@ UC_PAT=$(burst_pattern "$WORK/uclient.pcap" dst $P_TURN)
 UC_ECHO=$(burst_pattern "$WORK/uclient.pcap" src $P_PEER)
 log "uclient pattern: $UC_PAT; turnutils_peer's echoes: $UC_ECHO"
 BURST=$(python3 -c 'import json,sys; print(max(1, round(json.loads(sys.argv[1])["median_burst"])))' "$UC_PAT")
+# uclient's allocations take turns, each sending its N_MSG messages in bursts of BURST.
+TURN_BURSTS=$(( N_MSG / BURST > 0 ? N_MSG / BURST : 1 ))
 for r in $(seq "$ROUNDS"); do
   log "round $r/$ROUNDS: coturn (turnutils_uclient)"
   coturn_round | tee -a "$WORK/results.jsonl" >&2
   rate=$(tail -1 "$WORK/results.jsonl" | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["per_sec"] / 2))')
-  log "round $r/$ROUNDS: relay, $ALLOC sessions, one datagram each per tick at $rate/s, echoed"
-  ours_round "$rate" "$ALLOC" "$ALLOC" | sed 's/"kind":"udp"/"kind":"sessions"/' | tee -a "$WORK/results.jsonl" >&2
+  log "round $r/$ROUNDS: relay, $ALLOC sessions taking turns, $TURN_BURSTS bursts of $BURST each, at $rate/s, echoed"
+  ours_round "$rate" "$BURST" "$ALLOC" "$TURN_BURSTS" | sed 's/"kind":"udp"/"kind":"sessions"/' | tee -a "$WORK/results.jsonl" >&2
+  log "round $r/$ROUNDS: relay, $ALLOC sessions, bursts of $ALLOC spread one datagram per session, at $rate/s, echoed"
+  ours_round "$rate" "$ALLOC" "$ALLOC" 0 | sed 's/"kind":"udp"/"kind":"spread"/' | tee -a "$WORK/results.jsonl" >&2
   log "round $r/$ROUNDS: relay, 1 session, uclient's pattern: bursts of $BURST at $rate/s per side, echoed"
-  ours_round "$rate" "$BURST" 1 | sed 's/"kind":"udp"/"kind":"burst"/' | tee -a "$WORK/results.jsonl" >&2
+  ours_round "$rate" "$BURST" 1 0 | sed 's/"kind":"udp"/"kind":"burst"/' | tee -a "$WORK/results.jsonl" >&2
   log "round $r/$ROUNDS: relay, 1 session, at coturn's rate ($rate/s per side), paced every millisecond"
-  ours_round "$rate" 0 1 | sed 's/"kind":"udp"/"kind":"paced"/' | tee -a "$WORK/results.jsonl" >&2
+  ours_round "$rate" 0 1 0 | sed 's/"kind":"udp"/"kind":"paced"/' | tee -a "$WORK/results.jsonl" >&2
   log "round $r/$ROUNDS: relay, 1 session, flat out"
-  ours_round 0 0 1 | tee -a "$WORK/results.jsonl" >&2
+  ours_round 0 0 1 0 | tee -a "$WORK/results.jsonl" >&2
 done
-check() { # burst sessions: sets PAT to the pattern of a 2 s relay_load burst run under tcpdump
+check() { # burst sessions session-bursts: sets PAT and ECHO to the patterns of a 2 s relay_load
+  # burst run under tcpdump (side A's datagrams, side B's echoes)
   local out ports
-  capture "$WORK/ours-$2.pcap" "udp and dst port $P_UDP"
-  out=$(ours_round "$rate" "$1" "$2" 2)
+  capture "$WORK/ours-$2-$3.pcap" "udp and dst port $P_UDP"
+  out=$(ours_round "$rate" "$1" "$2" "$3" 2)
   stop_capture
   ports=$(python3 -c 'import json,sys; print(",".join(map(str, json.loads(sys.argv[1])["ports_a"])))' "$out")
-  PAT=$(burst_pattern "$WORK/ours-$2.pcap" src "$ports")
+  PAT=$(burst_pattern "$WORK/ours-$2-$3.pcap" src "$ports")
   ports=$(python3 -c 'import json,sys; print(",".join(map(str, json.loads(sys.argv[1])["ports_b"])))' "$out")
-  ECHO=$(burst_pattern "$WORK/ours-$2.pcap" src "$ports")
+  ECHO=$(burst_pattern "$WORK/ours-$2-$3.pcap" src "$ports")
 }
 log "pattern check (not measured): relay_load burst modes under tcpdump at $rate/s per side"
-check "$BURST" 1; OURS_PAT=$PAT; OURS_ECHO=$ECHO
+check "$BURST" 1 0; OURS_PAT=$PAT; OURS_ECHO=$ECHO
 log "relay_load pattern, 1 session: $OURS_PAT; echoes: $OURS_ECHO"
-check "$ALLOC" "$ALLOC"; SESS_PAT=$PAT; SESS_ECHO=$ECHO
-log "relay_load pattern, $ALLOC sessions: $SESS_PAT; echoes: $SESS_ECHO"
+check "$BURST" "$ALLOC" "$TURN_BURSTS"; SESS_PAT=$PAT; SESS_ECHO=$ECHO
+log "relay_load pattern, $ALLOC sessions taking turns: $SESS_PAT; echoes: $SESS_ECHO"
+check "$ALLOC" "$ALLOC" 0; SPREAD_PAT=$PAT; SPREAD_ECHO=$ECHO
+log "relay_load pattern, $ALLOC sessions spread: $SPREAD_PAT; echoes: $SPREAD_ECHO"
 python3 - "$WORK/results.jsonl" "$DUR" "$ROUNDS" "$RELAY_DESC" "$TURN_VER" "$LOADAVG" "$BURST" \
-  "$UC_PAT" "$OURS_PAT" "$SESS_PAT" "$ALLOC" "$UC_ECHO" "$OURS_ECHO" "$SESS_ECHO" <<'PY'
+  "$UC_PAT" "$OURS_PAT" "$SESS_PAT" "$ALLOC" "$UC_ECHO" "$OURS_ECHO" "$SESS_ECHO" "$SPREAD_PAT" \
+  "$SPREAD_ECHO" "$TURN_BURSTS" <<'PY'
 import json, statistics, sys
 (path, dur, rounds, relay_desc, turn_ver, loadavg, burst, uc_pat, ours_pat, sess_pat, alloc, uc_echo,
- ours_echo, sess_echo) = sys.argv[1:]
-uc, ou, se = json.loads(uc_pat), json.loads(ours_pat), json.loads(sess_pat)
-uce, oue, see = json.loads(uc_echo), json.loads(ours_echo), json.loads(sess_echo)
+ ours_echo, sess_echo, spread_pat, spread_echo, turn_bursts) = sys.argv[1:]
+uc, ou, se, sp = (json.loads(x) for x in (uc_pat, ours_pat, sess_pat, spread_pat))
+uce, oue, see, spe = (json.loads(x) for x in (uc_echo, ours_echo, sess_echo, spread_echo))
 rows = [json.loads(l) for l in open(path) if l.strip()]
 def agg(kind):
     rs = [r for r in rows if r["kind"] == kind]
@@ -221,6 +238,7 @@ def agg(kind):
     return rate, per_cpu, ", ".join("%.0f" % r["per_sec"] for r in rs), per_switch
 c_rate, c_pc, c_sp, c_ps = agg("coturn")
 s_rate, s_pc, s_sp, s_ps = agg("sessions")
+x_rate, x_pc, x_sp, x_ps = agg("spread")
 b_rate, b_pc, b_sp, b_ps = agg("burst")
 p_rate, p_pc, p_sp, p_ps = agg("paced")
 u_rate, u_pc, u_sp, u_ps = agg("udp")
@@ -230,19 +248,28 @@ common = (f"median of {rounds} alternating rounds; relay: {relay_desc}; coturn {
           f"time of the relaying process's threads (/proc/PID/task/*/schedstat, ns) only; 2 shared cores, load average {loadavg} at start")
 def pat(p):
     return (f"{p['mean_burst']:.1f} datagrams per burst (median {p['median_burst']:.0f}) from a median of "
-            f"{p['median_sockets_per_burst']:.0f} sockets every "
+            f"{p['median_flows_per_burst']:.0f} flow(s) ({p['flows']} in all) every "
             f"{p['mean_interval_ms']:.2f} ms (median {p['median_interval_ms']:.2f}), {p['rate']:,.0f}/s")
 print(f"| relay UDP, {alloc} sessions like coturn's {alloc} allocations, turnutils_uclient's pattern, 200-byte payload | "
       f"{s_rate:,.0f} datagrams/s, {s_pc:,.0f} per CPU s ({1e6/s_pc:.2f} CPU s per million) | coturn {c_rate:,.0f} "
       f"datagrams/s, {c_pc:,.0f} per CPU s ({1e6/c_pc:.2f} CPU s per million) | {s_pc/c_pc:.2f}× per CPU s (goal ≥ 2×) | "
       f"like for like: {alloc} relay sessions (own tickets, own side A and side B sockets) as uclient has {alloc} "
-      f"allocations; side A sends one datagram per session per tick ({alloc} back to back) at coturn's rate in each "
-      f"round, catching up when late; side B echoes each on its session's socket like turnutils_peer; uclient's "
-      f"pattern (tcpdump on lo, unmeasured calibration run, data datagrams to turnserver split at gaps > 500 µs): "
-      f"{pat(uc)}, turnutils_peer's echoes {pat(uce)}; check capture of relay_load at the last round's rate: "
+      f"allocations, offered what uclient sends on the wire: uclient's pattern (tcpdump on lo, unmeasured "
+      f"calibration run, data datagrams to turnserver split at gaps > 500 µs): {pat(uc)}, turnutils_peer's echoes "
+      f"{pat(uce)}, i.e. each burst comes from ONE allocation and they take turns; ours: side A sends bursts of "
+      f"{burst} on one session, the sessions taking turns, {turn_bursts} bursts each (uclient's messages per "
+      f"allocation / {burst}), at coturn's rate in each round, catching up when late; side B echoes each on its "
+      f"session's socket like turnutils_peer; check capture of relay_load at the last round's rate: "
       f"{pat(se)}, side B's echoes {pat(see)}; rounds (datagrams/s) ours "
       f"{s_sp}, coturn {c_sp}; datagrams per context switch of the relaying process ours {s_ps:.1f}, coturn "
       f"{c_ps:.1f}; {common} |")
+print(f"| relay UDP, {alloc} sessions, each burst spread one datagram per session, 200-byte payload | "
+      f"{x_rate:,.0f} datagrams/s, {x_pc:,.0f} per CPU s ({1e6/x_pc:.2f} CPU s per million) | coturn {c_rate:,.0f} "
+      f"datagrams/s, {c_pc:,.0f} per CPU s ({1e6/c_pc:.2f} CPU s per million) | {x_pc/c_pc:.2f}× per CPU s (goal ≥ 2×) | "
+      f"harder than uclient's load: bursts of {alloc} with one datagram per session, so no two datagrams of a "
+      f"burst share a destination (the relay cannot coalesce them into one GSO send); check capture: {pat(sp)}, "
+      f"side B's echoes {pat(spe)}; rounds (datagrams/s) ours {x_sp}, coturn {c_sp}; datagrams per context "
+      f"switch of the relaying process ours {x_ps:.1f}, coturn {c_ps:.1f}; {common} |")
 print(f"| relay UDP, same offered pattern as turnutils_uclient, 200-byte payload | {b_rate:,.0f} datagrams/s, "
       f"{b_pc:,.0f} per CPU s ({1e6/b_pc:.2f} CPU s per million) | coturn {c_rate:,.0f} datagrams/s, {c_pc:,.0f} "
       f"per CPU s ({1e6/c_pc:.2f} CPU s per million) | {b_pc/c_pc:.2f}× per CPU s (goal ≥ 2×) | uclient's pattern "

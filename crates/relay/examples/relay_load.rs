@@ -7,7 +7,8 @@
 //!            [--target ADDR] [--listen ADDR] [--seed HEX --relay-id ID] [--pid PID]
 //!            [--io threads|tokio] [--warmup-ms MS]
 //! relay_load udp --target RELAY_UDP --seed HEX --relay-id ID [--secs T] [--payload 200]
-//!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N]] [--sessions N]
+//!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N [--session-bursts K]]]
+//!            [--sessions N]
 //! relay_load idle relay|haproxy --sessions N --target ADDR [--listen ADDR] [--seed ...]
 //!            [--ready-file PATH] [--hold SECS]
 //! ```
@@ -26,9 +27,12 @@
 //!   second, the relay's CPU seconds and every socket's port. Offered load, per side over all
 //!   its sessions in turn: flat out (`--rate 0`), paced (`--rate R`: each side tops up to R/s
 //!   every millisecond), or bursts (`--rate R --burst N`: side A sends N back to back every
-//!   N/R s, datagram i of a burst on session i mod sessions, and side B echoes each datagram on
-//!   the socket it came in on; with N = sessions, one datagram per session per burst: the
-//!   shape of turnutils_uclient with one allocation per session + turnutils_peer). Each side
+//!   N/R s, and side B echoes each datagram on the socket it came in on, as turnutils_peer
+//!   does). Which sessions a burst uses: by default datagram i of each burst goes on session
+//!   i mod sessions (with N = sessions, one datagram per session per burst); with
+//!   `--session-bursts K`, each whole burst goes on one session and the sessions take turns, K
+//!   bursts each, which is what turnutils_uclient (`-m` allocations, `-n` messages each) was
+//!   seen to do on the wire: K = n / N. Each side
 //!   receives (and echoes) on all its sockets in one event loop, as those two programs do;
 //!   sending is one blocking thread per side.
 //! * `idle`: opens N paired sessions (through the relay, or through HAProxy to our listener),
@@ -435,6 +439,12 @@ fn udp(a: &Args) {
     if burst > 0 && rate == 0 {
         die("--burst needs --rate: bursts of --burst datagrams every burst/rate seconds");
     }
+    // Bursts per session in turn, each whole burst on one session (0: every burst spread over
+    // the sessions, one datagram each in turn).
+    let session_bursts: u64 = a.get("session-bursts", 0);
+    if session_bursts > 0 && burst == 0 {
+        die("--session-bursts needs --burst (and --rate)");
+    }
     let warmup = Duration::from_millis(a.get("warmup-ms", 300));
     let pid: Option<String> = a.opt.get("pid").cloned();
     let tickets = Tickets::from_args(a);
@@ -506,7 +516,7 @@ fn udp(a: &Args) {
             let stop = stop.clone();
             let txs: Vec<_> = ends.into_iter().map(|(tx, _, d)| (tx, d)).collect();
             hs.push(std::thread::spawn(move || {
-                send_loop(&txs, target, max, rate, burst, &stop);
+                send_loop(&txs, target, max, rate, (burst, session_bursts), &stop);
             }));
         }
     }
@@ -518,7 +528,10 @@ fn udp(a: &Args) {
     report(
         "udp",
         "relay",
-        &format!("\"payload\":{payload},\"rate_per_side\":{rate},\"burst\":{burst},{ports}"),
+        &format!(
+            "\"payload\":{payload},\"rate_per_side\":{rate},\"burst\":{burst},\
+             \"session_bursts\":{session_bursts},{ports}"
+        ),
         &s0,
         &s1,
         "datagrams",
@@ -571,20 +584,21 @@ const MAX_UDP_SESSIONS: usize = 1000;
 
 /// Sends each socket's datagram to `target` until `stop` or `max` datagrams in all. `rate` 0:
 /// flat out. `burst` 0: paced, topping up to `rate` every millisecond (a few datagrams per
-/// tick). In both, datagram k goes out socket k mod n. `burst` N: N datagrams back to back
-/// every N / `rate` seconds, catching up at once when late, datagram i of each burst out
-/// socket i mod n: with N = n, one per socket (session) per burst, which is how
-/// turnutils_uclient sends (one message per allocation per timer tick).
+/// tick). In both, datagram k goes out socket k mod n. `burst` (N, K), N > 0: N datagrams back
+/// to back every N / `rate` seconds, catching up at once when late; K = 0: datagram i of each
+/// burst out socket i mod n; K > 0: burst b all out socket (b / K) mod n, so the sockets
+/// (sessions) take turns, K bursts each, as turnutils_uclient's allocations do.
 fn send_loop(
     txs: &[(std::net::UdpSocket, Vec<u8>)],
     target: SocketAddr,
     max: u64,
     rate: u64,
-    burst: u64,
+    (burst, session_bursts): (u64, u64),
     stop: &AtomicBool,
 ) {
     let mut sent = 0u64;
     let mut next = 0usize;
+    let mut bursts = 0u64;
     let start = Instant::now();
     while sent < max && !stop.load(Relaxed) {
         if rate > 0 {
@@ -596,11 +610,18 @@ fn send_loop(
                     std::thread::sleep(next.saturating_sub(start.elapsed()));
                     continue;
                 }
-                for (tx, d) in txs.iter().cycle().take(burst as usize) {
+                let first = match session_bursts {
+                    0 => 0,
+                    k => ((bursts / k) % txs.len() as u64) as usize,
+                };
+                let step = usize::from(session_bursts == 0);
+                for i in 0..burst as usize {
+                    let (tx, d) = &txs[(first + i * step) % txs.len()];
                     if send(tx, d, target) {
                         sent += 1;
                     }
                 }
+                bursts += 1;
                 continue;
             }
             if sent >= due {
