@@ -8,7 +8,9 @@
 # HAProxy frontend -> receiver's listener. relay: sender and receiver both dial the relay with
 # signed tickets and the relay splices them. Rounds alternate relay / HAProxy / direct (order
 # rotated each round); the row gives the median round and the path process's CPU seconds per GB
-# (over all rounds, from /proc/PID/stat). Env: RELAY_BENCH_SECS (5), RELAY_BENCH_ROUNDS (3).
+# (over all rounds): on-CPU time of all its threads from /proc/PID/task/*/schedstat in ns
+# (relay_load's path_run_s; /proc/PID/stat counts 10 ms ticks; both paths' threads live through
+# the run, so none of their time is lost). Env: RELAY_BENCH_SECS (5), RELAY_BENCH_ROUNDS (3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${RELAY_BENCH_SECS:-5}
@@ -83,7 +85,7 @@ for streams in (1, 64):
         rs = [r for r in rows if r["mode"] == mode and r["streams"] == streams]
         gbps = statistics.median(r["per_sec"] * 8 / 1e9 for r in rs)
         gb = sum(r["bytes"] for r in rs) / 1e9
-        cpu = sum(r["path_cpu_s"] for r in rs) / gb if rs[0]["path_cpu_s"] is not None else None
+        cpu = sum(r["path_run_s"] for r in rs) / gb if rs[0]["path_run_s"] is not None else None
         client = sum(r["client_cpu_s"] for r in rs) / gb
         spread = "–".join("%.1f" % (r["per_sec"] * 8 / 1e9) for r in rs)
         return gbps, cpu, client, spread
@@ -94,7 +96,8 @@ for streams in (1, 64):
           f"{r:.2f} Gbit/s, relay CPU {rc:.3f} s/GB | HAProxy 2.6 (TCP mode, splice-auto/request/response) "
           f"{h:.2f} Gbit/s, HAProxy CPU {hc:.3f} s/GB | {r/h:.2f}× HAProxy (goal ≥ 1.0×); "
           f"{r/d:.2f}× direct (goal ≥ 0.6×) | direct {d:.2f} Gbit/s. Rounds (Gbit/s): relay {rsp}, HAProxy {hsp}, "
-          f"direct {dsp}. CPU per GB relay/HAProxy {rc/hc:.2f}×. Same client for all three: `relay_load` "
+          f"direct {dsp}. CPU per GB relay/HAProxy {rc/hc:.2f}× (on-CPU ns of all the process's threads, "
+          f"/proc/PID/task/*/schedstat). Same client for all three: `relay_load` "
           f"(one blocking thread per socket end, 128 KiB writes; client CPU s/GB relay {rcl:.3f}, HAProxy {hcl:.3f}, "
           f"direct {dcl:.3f}). Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads. "
           f"2 shared cores, load average {loadavg} at start (other builds were running) |")

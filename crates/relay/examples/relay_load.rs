@@ -7,7 +7,8 @@
 //!            [--target ADDR] [--listen ADDR] [--seed HEX --relay-id ID] [--pid PID]
 //!            [--io threads|tokio] [--warmup-ms MS]
 //! relay_load udp --target RELAY_UDP --seed HEX --relay-id ID [--secs T] [--payload 200]
-//!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N]]
+//!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N [--session-bursts K]]]
+//!            [--sessions N]
 //! relay_load idle relay|haproxy --sessions N --target ADDR [--listen ADDR] [--seed ...]
 //!            [--ready-file PATH] [--hold SECS]
 //! ```
@@ -20,12 +21,20 @@
 //!   the receivers send as well). Prints one JSON line: goodput over the measured window and,
 //!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`, 10 ms
 //!   ticks; `path_run_s`: the same from `/proc/PID/task/*/schedstat`, in nanoseconds).
-//! * `udp`: two bound sides of one relay session send `--payload`-byte datagrams to each other
-//!   for `--secs` seconds (at most `--max-datagrams` each); prints the datagrams delivered per
-//!   second, the relay's CPU seconds and both sides' ports. Offered load: flat out (`--rate 0`),
-//!   paced (`--rate R`: each side tops up to R/s every millisecond), or bursts (`--rate R
-//!   --burst N`: side A sends N back to back every N/R s, side B echoes each datagram it gets;
-//!   the shape of turnutils_uclient + turnutils_peer).
+//! * `udp`: `--sessions` relay sessions (1; each its own pair of tickets and its own side A and
+//!   side B sockets) carry `--payload`-byte datagrams between their sides for `--secs` seconds
+//!   (at most `--max-datagrams` sent per side in all); prints the datagrams delivered per
+//!   second, the relay's CPU seconds and every socket's port. Offered load, per side over all
+//!   its sessions in turn: flat out (`--rate 0`), paced (`--rate R`: each side tops up to R/s
+//!   every millisecond), or bursts (`--rate R --burst N`: side A sends N back to back every
+//!   N/R s, and side B echoes each datagram on the socket it came in on, as turnutils_peer
+//!   does). Which sessions a burst uses: by default datagram i of each burst goes on session
+//!   i mod sessions (with N = sessions, one datagram per session per burst); with
+//!   `--session-bursts K`, each whole burst goes on one session and the sessions take turns, K
+//!   bursts each, which is what turnutils_uclient (`-m` allocations, `-n` messages each) was
+//!   seen to do on the wire: K = n / N. Each side
+//!   receives (and echoes) on all its sockets in one event loop, as those two programs do;
+//!   sending is one blocking thread per side.
 //! * `idle`: opens N paired sessions (through the relay, or through HAProxy to our listener),
 //!   writes `--ready-file` when all are open, holds them `--hold` seconds, then exits.
 //!
@@ -416,6 +425,13 @@ fn udp(a: &Args) {
     let secs: f64 = a.get("secs", 5.0);
     let payload: usize = a.get("payload", 200);
     let max: u64 = a.get("max-datagrams", 50_000_000);
+    // Relay sessions, each with its own pair of tickets and of sockets (side A, side B).
+    let sessions: usize = a.get("sessions", 1);
+    if !(1..=MAX_UDP_SESSIONS).contains(&sessions) {
+        die(&format!(
+            "--sessions must be 1 to {MAX_UDP_SESSIONS} (each takes two sockets)"
+        ));
+    }
     // Datagrams per second per side; 0 = as fast as possible.
     let rate: u64 = a.get("rate", 0);
     // Datagrams per burst (0 = paced: each side tops up to the rate every millisecond).
@@ -423,69 +439,86 @@ fn udp(a: &Args) {
     if burst > 0 && rate == 0 {
         die("--burst needs --rate: bursts of --burst datagrams every burst/rate seconds");
     }
+    // Bursts per session in turn, each whole burst on one session (0: every burst spread over
+    // the sessions, one datagram each in turn).
+    let session_bursts: u64 = a.get("session-bursts", 0);
+    if session_bursts > 0 && burst == 0 {
+        die("--session-bursts needs --burst (and --rate)");
+    }
     let warmup = Duration::from_millis(a.get("warmup-ms", 300));
     let pid: Option<String> = a.opt.get("pid").cloned();
     let tickets = Tickets::from_args(a);
-    let (sid, ta, tb) = tickets.pair(Transport::Udp);
-    let (sa, sb) = rt().block_on(async {
-        let sa = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let sb = tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let w = Duration::from_secs(10);
-        let ca = udp_bind(&sa, target, sid, &ta, w).await;
-        let cb = udp_bind(&sb, target, sid, &tb, w).await;
-        for c in [&ca, &cb] {
-            match c {
-                Ok(StatusCode::Waiting | StatusCode::Paired) => {}
-                other => die(&format!("udp bind: {other:?}")),
-            }
-        }
-        (sa.into_std().expect("std"), sb.into_std().expect("std"))
-    });
-    let dgram = wire::encode_udp(UdpKind::Data, sid, &vec![0x5au8; payload]);
-    let got = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let ports = format!(
-        "\"port_a\":{},\"port_b\":{},",
-        sa.local_addr().expect("addr").port(),
-        sb.local_addr().expect("addr").port()
-    );
-    let mut hs = Vec::new();
-    for (i, (tx, rx)) in [(&sa, &sb), (&sb, &sa)].into_iter().enumerate() {
-        let tx = tx.try_clone().expect("clone");
-        let rx = rx.try_clone().expect("clone");
-        tx.set_nonblocking(false).expect("blocking");
-        rx.set_nonblocking(false).expect("blocking");
-        rx.set_read_timeout(Some(Duration::from_millis(100)))
-            .expect("timeout");
-        // Burst mode: side B echoes every datagram it gets, as turnutils_peer does, and so
-        // only side A originates.
-        let echo = (burst > 0 && i == 0).then(|| (rx.try_clone().expect("clone"), dgram.clone()));
-        let (stop, got, dgram) = (stop.clone(), got.clone(), dgram.clone());
-        let stop2 = stop.clone();
-        if burst == 0 || i == 0 {
-            hs.push(std::thread::spawn(move || {
-                send_loop(&tx, target, &dgram, max, rate, burst, &stop);
-            }));
-        }
-        hs.push(std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            loop {
-                match rx.recv_from(&mut buf) {
-                    Ok(_) => {
-                        got.fetch_add(1, Relaxed);
-                        if let Some((sock, d)) = &echo {
-                            let _ = sock.send_to(d, target);
-                        }
-                    }
-                    Err(_) if stop2.load(Relaxed) => return,
-                    Err(_) => {}
+    // (side A socket, side B socket, a data datagram of this session), per session.
+    let socks: Vec<(std::net::UdpSocket, std::net::UdpSocket, Vec<u8>)> = rt().block_on(async {
+        let mut out = Vec::with_capacity(sessions);
+        for _ in 0..sessions {
+            let (sid, ta, tb) = tickets.pair(Transport::Udp);
+            let bind = || async {
+                tokio::net::UdpSocket::bind("127.0.0.1:0")
+                    .await
+                    .unwrap_or_else(|e| die(&format!("bind a UDP socket on 127.0.0.1: {e}")))
+            };
+            let (sa, sb) = (bind().await, bind().await);
+            let w = Duration::from_secs(10);
+            let ca = udp_bind(&sa, target, sid, &ta, w).await;
+            let cb = udp_bind(&sb, target, sid, &tb, w).await;
+            for c in [&ca, &cb] {
+                match c {
+                    Ok(StatusCode::Waiting | StatusCode::Paired) => {}
+                    other => die(&format!(
+                        "udp bind of session {} of {sessions}: {other:?} (is the relay at \
+                         {target} up, with --broker-key of this --seed and this --relay-id?)",
+                        out.len() + 1
+                    )),
                 }
             }
-        }));
+            let dgram = wire::encode_udp(UdpKind::Data, sid, &vec![0x5au8; payload]);
+            out.push((
+                sa.into_std().expect("std"),
+                sb.into_std().expect("std"),
+                dgram,
+            ));
+        }
+        out
+    });
+    let got = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let port = |s: &std::net::UdpSocket| s.local_addr().expect("addr").port().to_string();
+    let list = |v: Vec<String>| v.join(",");
+    let ports = format!(
+        "\"sessions\":{sessions},\"ports_a\":[{}],\"ports_b\":[{}],",
+        list(socks.iter().map(|s| port(&s.0)).collect()),
+        list(socks.iter().map(|s| port(&s.1)).collect())
+    );
+    let mut hs = Vec::new();
+    for side in 0..2 {
+        // (this side's socket, the other side's socket, the session's datagram), per session.
+        let ends: Vec<_> = socks
+            .iter()
+            .map(|(sa, sb, d)| {
+                let (tx, rx) = if side == 0 { (sa, sb) } else { (sb, sa) };
+                (
+                    tx.try_clone().expect("clone"),
+                    rx.try_clone().expect("clone"),
+                    d.clone(),
+                )
+            })
+            .collect();
+        // Burst mode: side B echoes every datagram it gets on the socket it got it on, as
+        // turnutils_peer does, and so only side A originates.
+        let echo = burst > 0 && side == 0;
+        let rxs = ends
+            .iter()
+            .map(|(_, rx, d)| (rx.try_clone().expect("clone"), echo.then(|| d.clone())))
+            .collect();
+        hs.push(recv_side(rxs, target, got.clone(), stop.clone()));
+        if burst == 0 || side == 0 {
+            let stop = stop.clone();
+            let txs: Vec<_> = ends.into_iter().map(|(tx, _, d)| (tx, d)).collect();
+            hs.push(std::thread::spawn(move || {
+                send_loop(&txs, target, max, rate, (burst, session_bursts), &stop);
+            }));
+        }
     }
     std::thread::sleep(warmup);
     let s0 = snap(&got, &pid);
@@ -495,7 +528,10 @@ fn udp(a: &Args) {
     report(
         "udp",
         "relay",
-        &format!("\"payload\":{payload},\"rate_per_side\":{rate},\"burst\":{burst},{ports}"),
+        &format!(
+            "\"payload\":{payload},\"rate_per_side\":{rate},\"burst\":{burst},\
+             \"session_bursts\":{session_bursts},{ports}"
+        ),
         &s0,
         &s1,
         "datagrams",
@@ -505,20 +541,64 @@ fn udp(a: &Args) {
     }
 }
 
-/// Sends `dgram` to `target` until `stop` or `max` datagrams. `rate` 0: flat out. `burst` 0:
-/// paced, topping up to `rate` every millisecond (a few datagrams per tick). `burst` N: N
-/// datagrams back to back every N / `rate` seconds, catching up at once when late, which is
-/// how turnutils_uclient sends (one message per allocation per timer tick).
-fn send_loop(
-    tx: &std::net::UdpSocket,
+/// Receives on all of one side's sockets in one thread, one event loop (as turnutils_peer and
+/// turnutils_uclient each do), counting datagrams into `got`; a socket given a datagram echoes
+/// that datagram to `target` for each one it gets. Returns when `stop` is set (within 100 ms).
+fn recv_side(
+    socks: Vec<(std::net::UdpSocket, Option<Vec<u8>>)>,
     target: SocketAddr,
-    dgram: &[u8],
+    got: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        rt().block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for (sock, echo) in socks {
+                // The senders share this socket's file description and so become non-blocking
+                // too; send_loop retries when a send would block.
+                sock.set_nonblocking(true).expect("nonblocking");
+                let sock = tokio::net::UdpSocket::from_std(sock).expect("tokio socket");
+                let (got, stop) = (got.clone(), stop.clone());
+                set.spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let tick = Duration::from_millis(100);
+                    while !stop.load(Relaxed) {
+                        if let Ok(Ok(_)) =
+                            tokio::time::timeout(tick, sock.recv_from(&mut buf)).await
+                        {
+                            got.fetch_add(1, Relaxed);
+                            if let Some(d) = &echo {
+                                let _ = sock.send_to(d, target).await;
+                            }
+                        }
+                    }
+                });
+            }
+            while set.join_next().await.is_some() {}
+        })
+    })
+}
+
+/// Most `--sessions` of `relay_load udp`: each takes two sockets.
+const MAX_UDP_SESSIONS: usize = 1000;
+
+/// Sends each socket's datagram to `target` until `stop` or `max` datagrams in all. `rate` 0:
+/// flat out. `burst` 0: paced, topping up to `rate` every millisecond (a few datagrams per
+/// tick). In both, datagram k goes out socket k mod n. `burst` (N, K), N > 0: N datagrams back
+/// to back every N / `rate` seconds, catching up at once when late; K = 0: datagram i of each
+/// burst out socket i mod n; K > 0: burst b all out socket (b / K) mod n, so the sockets
+/// (sessions) take turns, K bursts each, as turnutils_uclient's allocations do.
+fn send_loop(
+    txs: &[(std::net::UdpSocket, Vec<u8>)],
+    target: SocketAddr,
     max: u64,
     rate: u64,
-    burst: u64,
+    (burst, session_bursts): (u64, u64),
     stop: &AtomicBool,
 ) {
     let mut sent = 0u64;
+    let mut next = 0usize;
+    let mut bursts = 0u64;
     let start = Instant::now();
     while sent < max && !stop.load(Relaxed) {
         if rate > 0 {
@@ -530,11 +610,18 @@ fn send_loop(
                     std::thread::sleep(next.saturating_sub(start.elapsed()));
                     continue;
                 }
-                for _ in 0..burst {
-                    if tx.send_to(dgram, target).is_ok() {
+                let first = match session_bursts {
+                    0 => 0,
+                    k => ((bursts / k) % txs.len() as u64) as usize,
+                };
+                let step = usize::from(session_bursts == 0);
+                for i in 0..burst as usize {
+                    let (tx, d) = &txs[(first + i * step) % txs.len()];
+                    if send(tx, d, target) {
                         sent += 1;
                     }
                 }
+                bursts += 1;
                 continue;
             }
             if sent >= due {
@@ -542,8 +629,22 @@ fn send_loop(
                 continue;
             }
         }
-        if tx.send_to(dgram, target).is_ok() {
+        let (tx, d) = &txs[next];
+        next = (next + 1) % txs.len();
+        if send(tx, d, target) {
             sent += 1;
+        }
+    }
+}
+
+/// Sends one datagram on a socket that may be non-blocking, retrying while it would block
+/// (as a blocking send would wait); false if the send failed otherwise.
+fn send(tx: &std::net::UdpSocket, d: &[u8], target: SocketAddr) -> bool {
+    loop {
+        match tx.send_to(d, target) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::yield_now(),
+            Err(_) => return false,
         }
     }
 }
