@@ -682,8 +682,10 @@ impl Selector {
     ) -> Result<Candidate, RejectReason> {
         let policy = &self.policy;
         let fresh = &policy.freshness;
+        let mut path_age_ms = 0;
         for (side, peer, m) in [(Side::A, a, path_a), (Side::B, b, path_b)] {
             let age_ms = m.measured_at(peer.newest).age_ms(now);
+            path_age_ms = path_age_ms.max(age_ms);
             if age_ms > fresh.path_expire_secs * 1000 {
                 return Err(RejectReason::PathExpired { side, age_ms });
             }
@@ -763,7 +765,7 @@ impl Selector {
 
         let e2e =
             end_to_end.filter(|m| m.measured_at.age_ms(now) <= fresh.end_to_end_fresh_secs * 1000);
-        let path = estimate_path((a.newest, path_a), (b.newest, path_b), e2e, now);
+        let path = estimate_path(path_a, path_b, path_age_ms, e2e);
         let score = self.score(&path, &load_view, region_penalty, info.weight);
         Ok(Candidate {
             relay: relay_id.clone(),
@@ -859,12 +861,13 @@ impl Selector {
     }
 }
 
-/// The path A → relay → B from the two legs, or from a fresh end-to-end measurement.
+/// The path A → relay → B from the two legs, or from a fresh end-to-end measurement; `age_ms`
+/// is the older leg's age.
 fn estimate_path(
-    (newest_a, pa): (Timestamp, &PathEntry),
-    (newest_b, pb): (Timestamp, &PathEntry),
+    pa: &PathEntry,
+    pb: &PathEntry,
+    age_ms: u64,
     end_to_end: Option<&EndToEnd>,
-    now: Timestamp,
 ) -> PathEstimate {
     let distance_km = match (pa.distance_km(), pb.distance_km()) {
         (Some(x), Some(y)) => Some(x + y),
@@ -875,10 +878,6 @@ fn estimate_path(
         (x, y) => x.or(y),
     };
     let hops = pa.hops() + pb.hops();
-    let age_ms = pa
-        .measured_at(newest_a)
-        .age_ms(now)
-        .max(pb.measured_at(newest_b).age_ms(now));
     match end_to_end {
         Some(e) => PathEstimate {
             rtt_ms: e.rtt_ms,
