@@ -1005,10 +1005,9 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) 
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role).await,
+            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role, slot).await,
             Err(e) => tracing::debug!(%addr, error = %e, "WebSocket upgrade failed"),
         }
-        drop(slot);
     });
     (
         StatusCode::SWITCHING_PROTOCOLS,
@@ -1175,29 +1174,60 @@ const PRE_AUTH_MAX_MESSAGE: usize = 8 * 1024;
 
 async fn run_socket(
     shared: Arc<Shared>,
+    io: (ReadIo, Sink),
+    guard: UnauthGuard,
+    role: Role,
+    slot: OpenSlot,
+) {
+    // The open connection gets a task of its own, sized for what it keeps: this one, sized
+    // for the upgrade, the handshake and the welcome, ends here.
+    if let Some(connection) = open(shared, io, guard, role, slot).await {
+        tokio::spawn(connection.serve());
+    }
+}
+
+/// An authenticated connection: what its task keeps for as long as it is open.
+struct Connection {
+    shared: Arc<Shared>,
+    sink: Sink,
+    stream: Stream,
+    conn: ConnId,
+    queue: Arc<SendQueue>,
+    role: Role,
+    id: Box<str>,
+    /// Counts against the broker's open-connection limit while the connection lives.
+    _slot: OpenSlot,
+}
+
+/// Handshake, welcome and attachment; `None` when the client did not authenticate (it has
+/// been told why).
+async fn open(
+    shared: Arc<Shared>,
     (read, mut sink): (ReadIo, Sink),
     guard: UnauthGuard,
     role: Role,
-) {
+    slot: OpenSlot,
+) -> Option<Connection> {
     let limits = &shared.config.limits;
     // The hard limit is twice the message limit: messages in between get a clear `too_large`
     // error; larger ones end the connection.
     let hard = limits.max_message_bytes * 2;
     // Before authentication only a hello and an auth proof are expected: small messages.
     let mut stream = ws::Reader::new(read, hard.min(PRE_AUTH_MAX_MESSAGE));
-    // Boxed so that the handshake's state is freed once it is done instead of sizing this
-    // task for the rest of the connection's life.
     let auth = tokio::time::timeout(
         Duration::from_secs(limits.auth_timeout_secs),
-        Box::pin(handshake(&shared, &mut sink, &mut stream, role)),
+        handshake(&shared, &mut sink, &mut stream, role),
     )
     .await;
     let (hello, enrolled) = match auth {
         Ok(Ok(x)) => x,
-        Ok(Err(Some(e))) => return fail(&shared, &mut sink, e).await,
-        Ok(Err(None)) => return,
+        Ok(Err(Some(e))) => {
+            fail(&shared, &mut sink, e).await;
+            return None;
+        }
+        Ok(Err(None)) => return None,
         Err(_) => {
-            return fail(
+            fail(
                 &shared,
                 &mut sink,
                 ApiError::new(
@@ -1205,7 +1235,8 @@ async fn run_socket(
                     format!("not authenticated within {} s", limits.auth_timeout_secs),
                 ),
             )
-            .await
+            .await;
+            return None;
         }
     };
     drop(guard);
@@ -1253,76 +1284,94 @@ async fn run_socket(
         Hello::Agent(h) => (Role::Agent, h.peer_id.into()),
         Hello::Relay(h) => (Role::Relay, h.relay_id.into()),
     };
+    Some(Connection {
+        shared,
+        sink,
+        stream,
+        conn,
+        queue,
+        role,
+        id,
+        _slot: slot,
+    })
+}
 
-    let mut bucket = Bucket {
-        tokens: f64::from(limits.message_burst.max(1)),
-        rate: f64::from(limits.messages_per_sec),
-        burst: f64::from(limits.message_burst.max(1)),
-        last: Instant::now(),
-    };
-    // One task per connection: it waits on the send queue and the socket at once (both waits
-    // are cancellation-safe: `pop` checks the queue before it waits, and the reader keeps its
-    // partial frames in its own state). A write is finished before reading goes on.
-    let reader_ended = loop {
-        tokio::select! {
-            biased;
-            out = queue.pop() => {
-                let Some(out) = out else {
-                    let _ = ws::write_frame(&mut sink, ws::CLOSE, &[]).await;
-                    break false;
-                };
-                if !write_out(&mut sink, out).await {
-                    break false;
-                }
-            }
-            text = next_text(&mut stream, |p| shared.send_out(conn, Out::Pong(p))) => {
-                let text = match text {
-                    Ok(Some(t)) => t,
-                    Ok(None) => break true,
-                    Err(e) => {
-                        shared.metrics.error(e.code);
-                        shared.close(conn, e);
-                        break true;
-                    }
-                };
-                shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-                if !bucket.take() {
-                    shared.send_error(
-                        conn,
-                        ApiError::new(
-                            ErrorCode::RateLimited,
-                            format!(
-                                "more than {} messages per second (burst {}): message dropped",
-                                limits.messages_per_sec, limits.message_burst
-                            ),
-                        ),
-                    );
-                    continue;
-                }
-                match role {
-                    Role::Agent => handle_agent(&shared, conn, &id, &text),
-                    Role::Relay => handle_relay(&shared, conn, &id, &text),
-                }
-            }
-        }
-    };
-    lock(&shared.conns).remove(&conn);
-    queue.close();
-    match role {
-        Role::Agent => shared.with_core(|c| c.agent_offline(&id, conn, now())),
-        Role::Relay => shared.with_core(|c| c.relay_offline(&id, conn)),
-    }
-    // The client stopped: flush what is queued (a final error), then close, within a second.
-    if reader_ended {
-        let flush = async {
-            while let Some(out) = queue.pop().await {
-                if !write_out(&mut sink, out).await {
-                    return;
-                }
-            }
-            let _ = ws::write_frame(&mut sink, ws::CLOSE, &[]).await;
+impl Connection {
+    async fn serve(mut self) {
+        let shared = &*self.shared;
+        let (conn, role) = (self.conn, self.role);
+        let limits = &shared.config.limits;
+        let mut bucket = Bucket {
+            tokens: f64::from(limits.message_burst.max(1)),
+            rate: f64::from(limits.messages_per_sec),
+            burst: f64::from(limits.message_burst.max(1)),
+            last: Instant::now(),
         };
-        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+        // One task per connection: it waits on the send queue and the socket at once (both waits
+        // are cancellation-safe: `pop` checks the queue before it waits, and the reader keeps its
+        // partial frames in its own state). A write is finished before reading goes on.
+        let reader_ended = loop {
+            tokio::select! {
+                biased;
+                out = self.queue.pop() => {
+                    let Some(out) = out else {
+                        let _ = ws::write_frame(&mut self.sink, ws::CLOSE, &[]).await;
+                        break false;
+                    };
+                    if !write_out(&mut self.sink, out).await {
+                        break false;
+                    }
+                }
+                text = next_text(&mut self.stream, |p| shared.send_out(conn, Out::Pong(p))) => {
+                    let text = match text {
+                        Ok(Some(t)) => t,
+                        Ok(None) => break true,
+                        Err(e) => {
+                            shared.metrics.error(e.code);
+                            shared.close(conn, e);
+                            break true;
+                        }
+                    };
+                    shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                    if !bucket.take() {
+                        shared.send_error(
+                            conn,
+                            ApiError::new(
+                                ErrorCode::RateLimited,
+                                format!(
+                                    "more than {} messages per second (burst {}): message dropped",
+                                    limits.messages_per_sec, limits.message_burst
+                                ),
+                            ),
+                        );
+                        continue;
+                    }
+                    match role {
+                        Role::Agent => handle_agent(shared, conn, &self.id, &text),
+                        Role::Relay => handle_relay(shared, conn, &self.id, &text),
+                    }
+                }
+            }
+        };
+        lock(&shared.conns).remove(&conn);
+        self.queue.close();
+        match role {
+            Role::Agent => shared.with_core(|c| c.agent_offline(&self.id, conn, now())),
+            Role::Relay => shared.with_core(|c| c.relay_offline(&self.id, conn)),
+        }
+        // The client stopped: flush what is queued (a final error), then close, within a second.
+        // Boxed: rare, and a timer is large.
+        if reader_ended {
+            let flush = async {
+                while let Some(out) = self.queue.pop().await {
+                    if !write_out(&mut self.sink, out).await {
+                        return;
+                    }
+                }
+                let _ = ws::write_frame(&mut self.sink, ws::CLOSE, &[]).await;
+            };
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), flush)).await;
+        }
     }
 }
 
@@ -1333,9 +1382,13 @@ async fn write_out(sink: &mut Sink, out: Out) -> bool {
         Out::Text(t) => ws::write_frame(sink, ws::TEXT, t.as_bytes()).await,
         Out::Pong(p) => ws::write_frame(sink, ws::PONG, &p).await,
         Out::Close(e) => {
-            if send_direct(sink, &BrokerMessage::Error(*e)).await {
-                let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
-            }
+            // Boxed: rare, and a message is large.
+            Box::pin(async {
+                if send_direct(sink, &BrokerMessage::Error(*e)).await {
+                    let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
+                }
+            })
+            .await;
             return false;
         }
     };
