@@ -74,6 +74,6 @@ if kib <= 0:
 scope = f"{int(peers):,} peers x {paths} of {relays} relays, {conc} in flight"
 print(f"| broker connects/s ({scope}) | {rate:,.0f}/s | goal >= 10,000/s; echo ceiling {erate:,.0f}/s | {rate/10000:.2f}x goal, {rate/erate:.2f}x ceiling | {b['connects']:,} answered, {b['failed']} no common relay; 2 Ed25519 tickets, offer to B, answer to A per connect; 2 shared cores, load average {load} at start |")
 print(f"| broker connect latency p50 / p99 | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} ms | goal p99 <= 5 ms; echo {e['p50_ms']:.2f} / {e['p99_ms']:.2f} ms | {5/b['p99_ms']:.2f}x goal (p99) | request sent to answer received, client on the same 2 cores |")
-print(f"| broker memory per registered peer | {kib:.1f} KiB | goal <= 4 KiB | {4/kib:.2f}x goal | RSS growth over {int(peers):,} enrolled peers, each with its own WebSocket and a {paths}-path report; {kib - state_kib:.1f} KiB of it is the connection (WebSocket framing, reader and writer tasks, send queue), the rest the state below |")
+print(f"| broker memory per registered peer | {kib:.1f} KiB | goal <= 4 KiB | {4/kib:.2f}x goal | RSS growth over {int(peers):,} enrolled peers, each with its own WebSocket and a {paths}-path report; {kib - state_kib:.1f} KiB of it is the connection (WebSocket framing, its task, send queue), the rest the state below |")
 print(f"| broker state per peer (no socket) | {state_kib:.1f} KiB | goal <= 4 KiB | {4/state_kib:.2f}x goal | identity, registry entry and {paths}-path report in the selector; the rest of the row above is the WebSocket |")
 PY

@@ -1,6 +1,6 @@
 //! The broker's I/O layer: HTTP (plain or rustls TLS) with axum, one WebSocket per agent and
-//! per relay (framed by [`crate::ws`], with a reader task and a writer task draining the
-//! connection's send queue), the admin API, a timer for the core's periodic work, and a writer thread that
+//! per relay (framed by [`crate::ws`], one task per connection reading the socket and draining
+//! the connection's send queue), the admin API, a timer for the core's periodic work, and a writer thread that
 //! persists records to the store in batches.
 //!
 //! The logic lives in [`Core`]; this module moves bytes, reads the clock, draws random
@@ -81,8 +81,8 @@ enum QueueError {
     Closed,
 }
 
-/// One connection's send queue, drained by its writer task. Bounded by `limits.send_queue`;
-/// closed by the broker (slow consumer, close, shutdown) or by the writer when the socket
+/// One connection's send queue, drained by its connection's task. Bounded by `limits.send_queue`;
+/// closed by the broker (slow consumer, close, shutdown) or by its task when the socket
 /// fails. It holds no allocation while empty: a tokio mpsc channel costs about 1.5 KiB per
 /// idle connection (cache-padded fields and a 32-slot block), a quarter of the broker's
 /// memory per connected peer.
@@ -107,7 +107,7 @@ impl SendQueue {
         Ok(())
     }
 
-    /// No more messages; the writer ends after sending what is queued.
+    /// No more messages; the connection task ends after sending what is queued.
     fn close(&self) {
         lock(&self.state).1 = true;
         self.ready.notify_one();
@@ -1005,10 +1005,9 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) 
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role).await,
+            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role, slot).await,
             Err(e) => tracing::debug!(%addr, error = %e, "WebSocket upgrade failed"),
         }
-        drop(slot);
     });
     (
         StatusCode::SWITCHING_PROTOCOLS,
@@ -1025,7 +1024,7 @@ type ReadIo = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
 type Sink = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
 type Stream = ws::Reader<ReadIo>;
 
-/// Splits an upgraded connection for its reader and writer tasks. Plain TCP (the common case
+/// Splits an upgraded connection into its read and write halves. Plain TCP (the common case
 /// behind a TLS-terminating proxy, and the benchmark) is split without a lock between the
 /// halves; TLS streams share one.
 fn split(upgraded: hyper::upgrade::Upgraded) -> (ReadIo, Sink) {
@@ -1175,29 +1174,60 @@ const PRE_AUTH_MAX_MESSAGE: usize = 8 * 1024;
 
 async fn run_socket(
     shared: Arc<Shared>,
+    io: (ReadIo, Sink),
+    guard: UnauthGuard,
+    role: Role,
+    slot: OpenSlot,
+) {
+    // The open connection gets a task of its own, sized for what it keeps: this one, sized
+    // for the upgrade, the handshake and the welcome, ends here.
+    if let Some(connection) = open(shared, io, guard, role, slot).await {
+        tokio::spawn(connection.serve());
+    }
+}
+
+/// An authenticated connection: what its task keeps for as long as it is open.
+struct Connection {
+    shared: Arc<Shared>,
+    sink: Sink,
+    stream: Stream,
+    conn: ConnId,
+    queue: Arc<SendQueue>,
+    role: Role,
+    id: Box<str>,
+    /// Counts against the broker's open-connection limit while the connection lives.
+    _slot: OpenSlot,
+}
+
+/// Handshake, welcome and attachment; `None` when the client did not authenticate (it has
+/// been told why).
+async fn open(
+    shared: Arc<Shared>,
     (read, mut sink): (ReadIo, Sink),
     guard: UnauthGuard,
     role: Role,
-) {
+    slot: OpenSlot,
+) -> Option<Connection> {
     let limits = &shared.config.limits;
     // The hard limit is twice the message limit: messages in between get a clear `too_large`
     // error; larger ones end the connection.
     let hard = limits.max_message_bytes * 2;
     // Before authentication only a hello and an auth proof are expected: small messages.
     let mut stream = ws::Reader::new(read, hard.min(PRE_AUTH_MAX_MESSAGE));
-    // Boxed so that the handshake's state is freed once it is done instead of sizing this
-    // task for the rest of the connection's life.
     let auth = tokio::time::timeout(
         Duration::from_secs(limits.auth_timeout_secs),
-        Box::pin(handshake(&shared, &mut sink, &mut stream, role)),
+        handshake(&shared, &mut sink, &mut stream, role),
     )
     .await;
     let (hello, enrolled) = match auth {
         Ok(Ok(x)) => x,
-        Ok(Err(Some(e))) => return fail(&shared, &mut sink, e).await,
-        Ok(Err(None)) => return,
+        Ok(Err(Some(e))) => {
+            fail(&shared, &mut sink, e).await;
+            return None;
+        }
+        Ok(Err(None)) => return None,
         Err(_) => {
-            return fail(
+            fail(
                 &shared,
                 &mut sink,
                 ApiError::new(
@@ -1205,7 +1235,8 @@ async fn run_socket(
                     format!("not authenticated within {} s", limits.auth_timeout_secs),
                 ),
             )
-            .await
+            .await;
+            return None;
         }
     };
     drop(guard);
@@ -1253,86 +1284,115 @@ async fn run_socket(
         Hello::Agent(h) => (Role::Agent, h.peer_id.into()),
         Hello::Relay(h) => (Role::Relay, h.relay_id.into()),
     };
+    Some(Connection {
+        shared,
+        sink,
+        stream,
+        conn,
+        queue,
+        role,
+        id,
+        _slot: slot,
+    })
+}
 
-    let writer = {
-        let queue = queue.clone();
-        tokio::spawn(async move {
-            let open = async {
-                while let Some(out) = queue.pop().await {
-                    let written = match out {
-                        Out::Text(t) => ws::write_frame(&mut sink, ws::TEXT, t.as_bytes()).await,
-                        Out::Pong(p) => ws::write_frame(&mut sink, ws::PONG, &p).await,
-                        Out::Close(e) => {
-                            let _ = send_direct(&mut sink, &BrokerMessage::Error(*e)).await;
-                            break;
-                        }
+impl Connection {
+    async fn serve(mut self) {
+        let shared = &*self.shared;
+        let (conn, role) = (self.conn, self.role);
+        let limits = &shared.config.limits;
+        let mut bucket = Bucket {
+            tokens: f64::from(limits.message_burst.max(1)),
+            rate: f64::from(limits.messages_per_sec),
+            burst: f64::from(limits.message_burst.max(1)),
+            last: Instant::now(),
+        };
+        // One task per connection: it waits on the send queue and the socket at once (both waits
+        // are cancellation-safe: `pop` checks the queue before it waits, and the reader keeps its
+        // partial frames in its own state). A write is finished before reading goes on.
+        let reader_ended = loop {
+            tokio::select! {
+                biased;
+                out = self.queue.pop() => {
+                    let Some(out) = out else {
+                        let _ = ws::write_frame(&mut self.sink, ws::CLOSE, &[]).await;
+                        break false;
                     };
-                    if written.is_err() {
-                        return false;
+                    if !write_out(&mut self.sink, out).await {
+                        break false;
                     }
                 }
-                true
-            }
-            .await;
-            queue.close();
-            if open {
-                let _ = ws::write_frame(&mut sink, ws::CLOSE, &[]).await;
-            }
-        })
-    };
-
-    let mut bucket = Bucket {
-        tokens: f64::from(limits.message_burst.max(1)),
-        rate: f64::from(limits.messages_per_sec),
-        burst: f64::from(limits.message_burst.max(1)),
-        last: Instant::now(),
-    };
-    let reader = async {
-        loop {
-            let text = match next_text(&mut stream, |p| shared.send_out(conn, Out::Pong(p))).await {
-                Ok(Some(t)) => t,
-                Ok(None) => break,
-                Err(e) => {
-                    shared.metrics.error(e.code);
-                    shared.close(conn, e);
-                    break;
+                text = next_text(&mut self.stream, |p| shared.send_out(conn, Out::Pong(p))) => {
+                    let text = match text {
+                        Ok(Some(t)) => t,
+                        Ok(None) => break true,
+                        Err(e) => {
+                            shared.metrics.error(e.code);
+                            shared.close(conn, e);
+                            break true;
+                        }
+                    };
+                    shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                    if !bucket.take() {
+                        shared.send_error(
+                            conn,
+                            ApiError::new(
+                                ErrorCode::RateLimited,
+                                format!(
+                                    "more than {} messages per second (burst {}): message dropped",
+                                    limits.messages_per_sec, limits.message_burst
+                                ),
+                            ),
+                        );
+                        continue;
+                    }
+                    match role {
+                        Role::Agent => handle_agent(shared, conn, &self.id, &text),
+                        Role::Relay => handle_relay(shared, conn, &self.id, &text),
+                    }
                 }
+            }
+        };
+        lock(&shared.conns).remove(&conn);
+        self.queue.close();
+        match role {
+            Role::Agent => shared.with_core(|c| c.agent_offline(&self.id, conn, now())),
+            Role::Relay => shared.with_core(|c| c.relay_offline(&self.id, conn)),
+        }
+        // The client stopped: flush what is queued (a final error), then close, within a second.
+        // Boxed: rare, and a timer is large.
+        if reader_ended {
+            let flush = async {
+                while let Some(out) = self.queue.pop().await {
+                    if !write_out(&mut self.sink, out).await {
+                        return;
+                    }
+                }
+                let _ = ws::write_frame(&mut self.sink, ws::CLOSE, &[]).await;
             };
-            shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-            if !bucket.take() {
-                shared.send_error(
-                    conn,
-                    ApiError::new(
-                        ErrorCode::RateLimited,
-                        format!(
-                            "more than {} messages per second (burst {}): message dropped",
-                            limits.messages_per_sec, limits.message_burst
-                        ),
-                    ),
-                );
-                continue;
-            }
-            match role {
-                Role::Agent => handle_agent(&shared, conn, &id, &text),
-                Role::Relay => handle_relay(&shared, conn, &id, &text),
-            }
+            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), flush)).await;
+        }
+    }
+}
+
+/// Writes one queued message; `false` when the connection is done (a write failed, or a final
+/// error was sent and followed by a close frame).
+async fn write_out(sink: &mut Sink, out: Out) -> bool {
+    let written = match out {
+        Out::Text(t) => ws::write_frame(sink, ws::TEXT, t.as_bytes()).await,
+        Out::Pong(p) => ws::write_frame(sink, ws::PONG, &p).await,
+        Out::Close(e) => {
+            // Boxed: rare, and a message is large.
+            Box::pin(async {
+                if send_direct(sink, &BrokerMessage::Error(*e)).await {
+                    let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
+                }
+            })
+            .await;
+            return false;
         }
     };
-    let mut writer = writer;
-    let writer_done = tokio::select! {
-        _ = reader => false,
-        _ = &mut writer => true,
-    };
-    lock(&shared.conns).remove(&conn);
-    queue.close();
-    match role {
-        Role::Agent => shared.with_core(|c| c.agent_offline(&id, conn, now())),
-        Role::Relay => shared.with_core(|c| c.relay_offline(&id, conn)),
-    }
-    // Let the writer flush what is queued (a final error) before the socket drops.
-    if !writer_done {
-        let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-    }
+    written.is_ok()
 }
 
 fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {

@@ -9,6 +9,11 @@
 //! between messages but a small read buffer; a message's bytes live while it is read or
 //! written.
 //!
+//! Reading is split in two: [`Decoder`], a sans-I/O state machine (bytes in, messages out,
+//! total over any input, memory bounded by the message limit), and [`Reader`], which feeds it
+//! from a socket and is cancellation-safe, so one task can wait on the socket and on its send
+//! queue at once.
+//!
 //! What it does not do: extensions (no compression), subprotocols, the client role, sending
 //! fragmented messages. It receives text and binary messages (fragmented or not), answers
 //! pings through the caller, ignores pongs and ends on close. Client frames must be masked.
@@ -17,14 +22,16 @@ use std::io;
 
 use axum::http::{header, HeaderMap};
 use base64::Engine;
-use bytes::Buf;
+use bytes::{Buf, BufMut};
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Opcodes.
 pub const TEXT: u8 = 0x1;
 /// Close.
 pub const CLOSE: u8 = 0x8;
+/// Ping.
+pub const PING: u8 = 0x9;
 /// Pong.
 pub const PONG: u8 = 0xA;
 
@@ -33,7 +40,7 @@ pub const PONG: u8 = 0xA;
 const READ_BUFFER: usize = 256;
 
 /// Payloads up to this size are allocated at once when their header arrives; larger ones grow
-/// as their bytes arrive.
+/// as their bytes arrive, by at most this much ahead of them.
 const EAGER_PAYLOAD: u64 = 16 * 1024;
 
 /// The `Sec-WebSocket-Accept` value for a client's `Sec-WebSocket-Key` (RFC 6455 §4.2.2).
@@ -108,80 +115,195 @@ pub enum ReadError {
     Io(#[from] io::Error),
 }
 
-/// Reads messages from a client; see the module docs.
-pub struct Reader<R> {
-    io: BufReader<R>,
-    max: usize,
-    /// A fragmented message being received: its opcode and bytes so far.
-    partial: Option<(u8, Vec<u8>)>,
+/// What the decoder made of the bytes so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A complete message.
+    Message(Incoming),
+    /// A close frame: the client is done.
+    Close,
 }
 
-impl<R: AsyncRead + Unpin> Reader<R> {
-    /// A reader that refuses messages larger than `max` bytes.
-    pub fn new(io: R, max: usize) -> Self {
+/// The sans-I/O frame decoder: bytes in, messages out. All its state lives in the struct, so
+/// the [`Reader`] around it can be cancelled between any two reads without losing bytes.
+///
+/// Memory is bounded by the limit: a data frame's header is checked against it before anything
+/// is reserved, and a message's buffer never grows past the end its frames have announced
+/// (so never past the limit). Control frames (at most 125 bytes) are buffered apart. After an
+/// error or a close frame it decodes nothing more.
+#[derive(Debug)]
+pub struct Decoder {
+    max: usize,
+    state: State,
+    /// A data message being received (over one or more frames): its opcode and bytes so far.
+    message: Option<(u8, Vec<u8>)>,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Reading a frame header (2 to 14 bytes).
+    Head { buf: [u8; 14], have: u8 },
+    /// Reading a frame's payload.
+    Payload(Frame),
+    /// Closed or failed.
+    Done,
+}
+
+#[derive(Debug)]
+struct Frame {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    /// Payload bytes still to come.
+    left: u64,
+    /// Payload bytes received (the mask's phase).
+    done: u64,
+    /// A control frame's payload; data goes to the decoder's message.
+    control: Option<Vec<u8>>,
+}
+
+const HEAD: State = State::Head {
+    buf: [0; 14],
+    have: 0,
+};
+
+impl Decoder {
+    /// A decoder that refuses messages larger than `max` bytes.
+    pub fn new(max: usize) -> Self {
         Self {
-            io: BufReader::with_capacity(READ_BUFFER, io),
             max,
-            partial: None,
+            state: HEAD,
+            message: None,
         }
     }
 
-    /// Changes the message size limit (e.g. once the client has authenticated).
+    /// Changes the message size limit (e.g. once the client has authenticated). Frames whose
+    /// header has already been checked keep the limit they were checked against.
     pub fn set_max(&mut self, max: usize) {
         self.max = max;
     }
 
-    /// The next message; `None` when the client closed (close frame or end of stream).
-    /// After an error the connection is out of step: close it.
-    pub async fn next(&mut self) -> Result<Option<Incoming>, ReadError> {
+    /// Bytes the decoder holds allocated now (message and control buffers), for bounds checks.
+    pub fn allocated(&self) -> usize {
+        let message = self.message.as_ref().map_or(0, |(_, b)| b.capacity());
+        let control = match &self.state {
+            State::Payload(f) => f.control.as_ref().map_or(0, Vec::capacity),
+            _ => 0,
+        };
+        message + control
+    }
+
+    /// Whether the stream may end here: between messages, not inside a frame or message.
+    pub fn at_boundary(&self) -> bool {
+        matches!(self.state, State::Head { have: 0, .. } | State::Done) && self.message.is_none()
+    }
+
+    /// Decodes from the front of `input`, advancing it past what was used. Returns at the first
+    /// complete message, or `None` once `input` is used up without one.
+    pub fn decode(&mut self, input: &mut &[u8]) -> Result<Option<Decoded>, ReadError> {
+        let out = self.decode_inner(input);
+        if out.is_err() {
+            self.fail();
+        }
+        out
+    }
+
+    fn fail(&mut self) {
+        self.state = State::Done;
+        self.message = None;
+    }
+
+    fn decode_inner(&mut self, input: &mut &[u8]) -> Result<Option<Decoded>, ReadError> {
         loop {
-            let mut head = [0u8; 2];
-            match self.io.read_exact(&mut head).await {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-                Err(e) => return Err(e.into()),
+            match &mut self.state {
+                State::Done => {
+                    *input = &[];
+                    return Ok(None);
+                }
+                State::Head { buf, have } => {
+                    let need = match head_len(&buf[..usize::from(*have)])? {
+                        Some(n) => n,
+                        None if input.is_empty() => return Ok(None),
+                        None => {
+                            buf[usize::from(*have)] = input[0];
+                            *have += 1;
+                            *input = &input[1..];
+                            continue;
+                        }
+                    };
+                    let take = (need - usize::from(*have)).min(input.len());
+                    buf[usize::from(*have)..usize::from(*have) + take]
+                        .copy_from_slice(&input[..take]);
+                    *have += take as u8;
+                    *input = &input[take..];
+                    if usize::from(*have) < need {
+                        return Ok(None);
+                    }
+                    let head = *buf;
+                    self.start_frame(&head[..need])?;
+                }
+                State::Payload(frame) => {
+                    if frame.left > 0 {
+                        if input.is_empty() {
+                            return Ok(None);
+                        }
+                        let take =
+                            usize::try_from(frame.left).map_or(input.len(), |l| l.min(input.len()));
+                        let target = match &mut frame.control {
+                            Some(c) => c,
+                            None => {
+                                &mut self
+                                    .message
+                                    .as_mut()
+                                    .expect("a data frame has its message")
+                                    .1
+                            }
+                        };
+                        let from = target.len();
+                        target.extend_from_slice(&input[..take]);
+                        unmask(&mut target[from..], frame.mask, frame.done);
+                        frame.left -= take as u64;
+                        frame.done += take as u64;
+                        *input = &input[take..];
+                        continue;
+                    }
+                    if let Some(out) = self.end_frame()? {
+                        return Ok(Some(out));
+                    }
+                }
             }
-            let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
-            if head[0] & 0x70 != 0 {
+        }
+    }
+
+    /// A complete header: checks it against the protocol and the limit, then reserves.
+    fn start_frame(&mut self, head: &[u8]) -> Result<(), ReadError> {
+        let (fin, opcode) = (head[0] & 0x80 != 0, head[0] & 0x0f);
+        let len = match head[1] & 0x7f {
+            126 => u64::from(u16::from_be_bytes([head[2], head[3]])),
+            127 => u64::from_be_bytes(head[2..10].try_into().expect("8 bytes")),
+            n => u64::from(n),
+        };
+        let mask: [u8; 4] = head[head.len() - 4..].try_into().expect("4 bytes");
+        let control = if opcode >= 0x8 {
+            if !fin || len > 125 {
                 return Err(ReadError::Protocol(
-                    "reserved bits are set, but no extension was negotiated",
+                    "control frames must be final and at most 125 bytes",
                 ));
             }
-            if head[1] & 0x80 == 0 {
-                return Err(ReadError::Protocol("client frames must be masked"));
+            if !matches!(opcode, CLOSE | PING | PONG) {
+                return Err(ReadError::Protocol("unknown control opcode"));
             }
-            let len = match head[1] & 0x7f {
-                126 => u64::from(self.io.read_u16().await?),
-                127 => self.io.read_u64().await?,
-                n => u64::from(n),
-            };
-            let mut mask = [0u8; 4];
-            self.io.read_exact(&mut mask).await?;
-            if opcode >= 0x8 {
-                if !fin || len > 125 {
-                    return Err(ReadError::Protocol(
-                        "control frames must be final and at most 125 bytes",
-                    ));
-                }
-                // Rare: allocated rather than kept in every connection's reader state.
-                let mut payload = vec![0u8; len as usize];
-                self.io.read_exact(&mut payload).await?;
-                unmask(&mut payload, mask);
-                match opcode {
-                    CLOSE => return Ok(None),
-                    0x9 => return Ok(Some(Incoming::Ping(payload.into_boxed_slice()))),
-                    PONG => continue,
-                    _ => return Err(ReadError::Protocol("unknown control opcode")),
-                }
-            }
-            let (opcode, mut bytes) = match (opcode, self.partial.take()) {
-                (0x0, Some(p)) => p,
+            // Rare: allocated rather than kept in every connection's decoder.
+            Some(Vec::with_capacity(len as usize))
+        } else {
+            let start = match (opcode, &self.message) {
+                (0x0, Some((_, bytes))) => bytes.len(),
                 (0x0, None) => {
                     return Err(ReadError::Protocol(
                         "a continuation frame without a message to continue",
                     ))
                 }
-                (0x1 | 0x2, None) => (opcode, Vec::new()),
+                (0x1 | 0x2, None) => 0,
                 (0x1 | 0x2, Some(_)) => {
                     return Err(ReadError::Protocol(
                         "a new message began before the previous one ended",
@@ -189,7 +311,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 }
                 _ => return Err(ReadError::Protocol("unknown data opcode")),
             };
-            let start = bytes.len();
             let size = (start as u64).saturating_add(len);
             if size > self.max as u64 {
                 return Err(ReadError::TooLarge {
@@ -197,34 +318,191 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     max: self.max,
                 });
             }
-            if len <= EAGER_PAYLOAD {
-                bytes.resize(size as usize, 0);
-                self.io.read_exact(&mut bytes[start..]).await?;
-            } else {
-                // Grown as bytes arrive: a header alone does not reserve the whole limit.
-                let got = (&mut self.io).take(len).read_to_end(&mut bytes).await?;
-                if (got as u64) < len {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+            let bytes = &mut self.message.get_or_insert_with(|| (opcode, Vec::new())).1;
+            // Small payloads at once; larger ones grow as their bytes arrive (a header alone
+            // does not reserve the whole limit), never past the announced end.
+            grow(
+                bytes,
+                start + (len.min(EAGER_PAYLOAD) as usize),
+                size as usize,
+            );
+            None
+        };
+        self.state = State::Payload(Frame {
+            fin,
+            opcode,
+            mask,
+            left: len,
+            done: 0,
+            control,
+        });
+        Ok(())
+    }
+
+    /// A frame's payload is complete.
+    fn end_frame(&mut self) -> Result<Option<Decoded>, ReadError> {
+        let State::Payload(frame) = std::mem::replace(&mut self.state, HEAD) else {
+            unreachable!("called on a complete payload");
+        };
+        if let Some(payload) = frame.control {
+            return Ok(match frame.opcode {
+                CLOSE => {
+                    self.fail();
+                    Some(Decoded::Close)
+                }
+                PING => Some(Decoded::Message(Incoming::Ping(payload.into_boxed_slice()))),
+                _ => None, // a pong
+            });
+        }
+        if !frame.fin {
+            return Ok(None);
+        }
+        let (opcode, bytes) = self.message.take().expect("a data frame has its message");
+        Ok(Some(Decoded::Message(match opcode {
+            TEXT => Incoming::Text(
+                String::from_utf8(bytes)
+                    .map_err(|_| ReadError::Protocol("a text message is not valid UTF-8"))?,
+            ),
+            _ => Incoming::Binary,
+        })))
+    }
+
+    /// When a data payload larger than the reader's buffer is still to come: the message's
+    /// buffer (grown for up to the next 16 KiB) and how many bytes may be read straight into it.
+    fn direct(&mut self) -> Option<(&mut Vec<u8>, usize)> {
+        let State::Payload(frame) = &self.state else {
+            return None;
+        };
+        if frame.control.is_some() || frame.left <= READ_BUFFER as u64 {
+            return None;
+        }
+        let left = usize::try_from(frame.left).ok()?;
+        let bytes = &mut self.message.as_mut()?.1;
+        let end = bytes.len() + left;
+        grow(bytes, bytes.len() + left.min(EAGER_PAYLOAD as usize), end);
+        Some((bytes, left))
+    }
+
+    /// `got` bytes were appended to the buffer [`Decoder::direct`] returned.
+    fn advance_direct(&mut self, got: usize) {
+        let (State::Payload(frame), Some((_, bytes))) = (&mut self.state, &mut self.message) else {
+            unreachable!("direct reads happen inside a data payload");
+        };
+        let from = bytes.len() - got;
+        unmask(&mut bytes[from..], frame.mask, frame.done);
+        frame.left -= got as u64;
+        frame.done += got as u64;
+    }
+}
+
+/// The length of the header that starts with `have` (`None`: more bytes are needed to say),
+/// after checking what the first two bytes allow.
+fn head_len(have: &[u8]) -> Result<Option<usize>, ReadError> {
+    let (Some(b0), Some(b1)) = (have.first(), have.get(1)) else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err(ReadError::Protocol(
+            "reserved bits are set, but no extension was negotiated",
+        ));
+    }
+    if b1 & 0x80 == 0 {
+        return Err(ReadError::Protocol("client frames must be masked"));
+    }
+    Ok(Some(match b1 & 0x7f {
+        126 => 2 + 2 + 4,
+        127 => 2 + 8 + 4,
+        _ => 2 + 4,
+    }))
+}
+
+/// Makes room in `bytes` for at least `need` bytes, doubling, but never reserving past `end`.
+fn grow(bytes: &mut Vec<u8>, need: usize, end: usize) {
+    if bytes.capacity() < need {
+        let target = (bytes.capacity() * 2).max(need).min(end);
+        bytes.reserve_exact(target - bytes.len());
+    }
+}
+
+/// Reads messages from a client; see the module docs. Cancellation-safe: [`Reader::next`] may
+/// be dropped at any await (e.g. in a `select!`) and called again without losing bytes.
+pub struct Reader<R> {
+    io: R,
+    decoder: Decoder,
+    /// Bytes read but not decoded yet: `buf[start..end]`.
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    /// A reader that refuses messages larger than `max` bytes.
+    pub fn new(io: R, max: usize) -> Self {
+        Self {
+            io,
+            decoder: Decoder::new(max),
+            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Changes the message size limit (e.g. once the client has authenticated).
+    pub fn set_max(&mut self, max: usize) {
+        self.decoder.set_max(max);
+    }
+
+    /// Bytes the reader holds allocated now: its read buffer and the decoder's buffers.
+    pub fn allocated(&self) -> usize {
+        self.buf.len() + self.decoder.allocated()
+    }
+
+    /// The next message; `None` when the client closed (close frame or end of stream).
+    /// After an error the connection is out of step: close it.
+    pub async fn next(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            // Also with nothing buffered: a payload read directly may have completed a frame.
+            loop {
+                let mut input = &self.buf[self.start..self.end];
+                let out = self.decoder.decode(&mut input);
+                self.start = self.end - input.len();
+                match out? {
+                    Some(Decoded::Message(m)) => return Ok(Some(m)),
+                    Some(Decoded::Close) => return Ok(None),
+                    None if self.start == self.end => break,
+                    None => {}
                 }
             }
-            unmask(&mut bytes[start..], mask);
-            if !fin {
-                self.partial = Some((opcode, bytes));
+            if matches!(self.decoder.state, State::Done) {
+                return Ok(None);
+            }
+            // Large payloads are read straight into their message: one copy, few reads.
+            if let Some((bytes, left)) = self.decoder.direct() {
+                let got = self.io.read_buf(&mut bytes.limit(left)).await?;
+                if got == 0 {
+                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                }
+                self.decoder.advance_direct(got);
                 continue;
             }
-            return match opcode {
-                0x1 => String::from_utf8(bytes)
-                    .map(|t| Some(Incoming::Text(t)))
-                    .map_err(|_| ReadError::Protocol("a text message is not valid UTF-8")),
-                _ => Ok(Some(Incoming::Binary)),
-            };
+            let n = self.io.read(&mut self.buf).await?;
+            if n == 0 {
+                return if self.decoder.at_boundary() {
+                    Ok(None)
+                } else {
+                    Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
+                };
+            }
+            (self.start, self.end) = (0, n);
         }
     }
 }
 
-fn unmask(bytes: &mut [u8], mask: [u8; 4]) {
+/// Unmasks `bytes`, the payload's bytes from offset `done` on.
+fn unmask(bytes: &mut [u8], mask: [u8; 4], done: u64) {
+    let phase = (done % 4) as usize;
     for (i, b) in bytes.iter_mut().enumerate() {
-        *b ^= mask[i % 4];
+        *b ^= mask[(i + phase) % 4];
     }
 }
 

@@ -16,10 +16,10 @@ use crate::decision::{
     Resource, ScoreParts, Side, Why,
 };
 use crate::model::{
-    EndToEnd, Location, PathMetrics, PeerId, PeerReport, RelayId, RelayInfo, RelayLoad, Request,
-    Timestamp,
+    EndToEnd, Location, PeerId, PeerReport, RelayId, RelayInfo, RelayLoad, Request, Timestamp,
 };
 use crate::policy::{Policy, PolicyError};
+use crate::stored::{PathEntry, Slot, MAX_SLOTS};
 
 /// At most this many pending assignments are remembered per relay; older ones are dropped first.
 pub const MAX_PENDING_PER_RELAY: usize = 65_536;
@@ -67,23 +67,14 @@ struct RelayEntry {
     pending: VecDeque<Timestamp>,
 }
 
-/// Index of a relay slot.
-type Slot = u32;
-
 #[derive(Debug)]
 struct PeerEntry {
     location: Option<Location>,
+    /// The newest `measured_at` of the report: paths store their time relative to it.
+    newest: Timestamp,
     /// Sorted by slot, no duplicates: two peers' common relays are a merge of two sorted lists.
-    paths: Vec<PathEntry>,
-}
-
-#[derive(Debug)]
-struct PathEntry {
-    slot: Slot,
-    metrics: PathMetrics,
-    /// Peer to relay, kept up to date when either location changes (trigonometry is too dear to
-    /// repeat in every decision).
-    distance_km: Option<f64>,
+    /// Stored compactly (see [`crate::stored`]); a boxed slice has no spare capacity.
+    paths: Box<[PathEntry]>,
 }
 
 /// The selection state and the decision over it. See the module docs.
@@ -135,13 +126,15 @@ impl Selector {
         let slot = match self.slot_of.get(&info.id) {
             Some(slot) => *slot,
             None => {
-                let slot =
-                    Slot::try_from(self.slots.len()).map_err(|_| UpdateError::OutOfRange {
+                if self.slots.len() >= MAX_SLOTS {
+                    return Err(UpdateError::OutOfRange {
                         what: format!("relay {}", info.id),
                         field: "id",
                         value: info.id.to_string(),
-                        expected: "fewer than 2^32 relay names in one selector",
-                    })?;
+                        expected: "fewer than 2^22 relay names in one selector",
+                    });
+                }
+                let slot = self.slots.len() as Slot;
                 self.slots.push(RelaySlot {
                     id: info.id.clone(),
                     entry: None,
@@ -165,8 +158,8 @@ impl Selector {
         }
         if moved {
             for peer in self.peers.values_mut() {
-                if let Ok(at) = peer.paths.binary_search_by_key(&slot, |p| p.slot) {
-                    peer.paths[at].distance_km = distance(&peer.location, &location);
+                if let Ok(at) = peer.paths.binary_search_by_key(&slot, PathEntry::slot) {
+                    peer.paths[at].set_distance_km(distance(&peer.location, &location));
                 }
             }
         }
@@ -292,28 +285,35 @@ impl Selector {
         if let Some(loc) = &report.location {
             check_location(&format!("peer {}", report.peer), loc)?;
         }
+        let newest = report
+            .paths
+            .iter()
+            .map(|(_, m)| m.measured_at)
+            .max()
+            .unwrap_or_default();
         let mut paths = Vec::with_capacity(report.paths.len());
-        for (relay, metrics) in report.paths {
+        for (relay, metrics) in &report.paths {
             let slot = *self
                 .slot_of
-                .get(&relay)
+                .get(relay)
                 .ok_or_else(|| UpdateError::UnknownRelay(relay.clone()))?;
             let relay_location = self.slots[slot as usize]
                 .entry
                 .as_ref()
                 .and_then(|e| e.info.location.clone());
-            paths.push(PathEntry {
+            paths.push(PathEntry::new(
                 slot,
                 metrics,
-                distance_km: distance(&report.location, &relay_location),
-            });
+                newest,
+                distance(&report.location, &relay_location),
+            ));
         }
-        paths.sort_unstable_by_key(|p| p.slot);
-        if let Some(twice) = paths.windows(2).find(|w| w[0].slot == w[1].slot) {
+        paths.sort_unstable_by_key(PathEntry::slot);
+        if let Some(twice) = paths.windows(2).find(|w| w[0].slot() == w[1].slot()) {
             return Err(UpdateError::OutOfRange {
                 what: format!("report of peer {}", report.peer),
                 field: "paths",
-                value: self.slots[twice[0].slot as usize].id.to_string(),
+                value: self.slots[twice[0].slot() as usize].id.to_string(),
                 expected: "each relay at most once",
             });
         }
@@ -321,19 +321,26 @@ impl Selector {
             report.peer,
             PeerEntry {
                 location: report.location,
-                paths,
+                newest,
+                paths: paths.into_boxed_slice(),
             },
         );
         Ok(())
     }
 
-    /// A peer's latest report, paths ordered by relay name.
+    /// A peer's latest report, paths ordered by relay name, as stored: RTT, loss and distance
+    /// to `f32` precision, see [`crate::stored`] for the exact tolerances.
     pub fn peer_report_of(&self, peer: &str) -> Option<PeerReport> {
         self.peers.get_key_value(peer).map(|(id, entry)| {
             let mut paths: Vec<_> = entry
                 .paths
                 .iter()
-                .map(|p| (self.slots[p.slot as usize].id.clone(), p.metrics.clone()))
+                .map(|p| {
+                    (
+                        self.slots[p.slot() as usize].id.clone(),
+                        p.metrics(entry.newest),
+                    )
+                })
                 .collect();
             paths.sort_by(|x, y| x.0.cmp(&y.0));
             PeerReport {
@@ -449,24 +456,24 @@ impl Selector {
             let pa = a.paths.get(i);
             let pb = b.paths.get(j);
             match (pa, pb) {
-                (Some(pa), Some(pb)) if pa.slot == pb.slot => {
-                    let e2e = end_to_end.and_then(|m| m.get(&pa.slot));
+                (Some(pa), Some(pb)) if pa.slot() == pb.slot() => {
+                    let e2e = end_to_end.and_then(|m| m.get(&pa.slot()));
                     match self.evaluate(request, (a, pa), (b, pb), e2e, now) {
                         Ok(candidate) => candidates.push(Some(candidate)),
                         Err(reason) => rejected.push(Rejection {
-                            relay: self.slots[pa.slot as usize].id.clone(),
+                            relay: self.slots[pa.slot() as usize].id.clone(),
                             reason,
                         }),
                     }
                     i += 1;
                     j += 1;
                 }
-                (Some(pa), pb) if pb.is_none_or(|pb| pa.slot < pb.slot) => {
-                    rejected.push(not_common(pa.slot, Side::B));
+                (Some(pa), pb) if pb.is_none_or(|pb| pa.slot() < pb.slot()) => {
+                    rejected.push(not_common(pa.slot(), Side::B));
                     i += 1;
                 }
                 (_, Some(pb)) => {
-                    rejected.push(not_common(pb.slot, Side::A));
+                    rejected.push(not_common(pb.slot(), Side::A));
                     j += 1;
                 }
                 (_, None) => unreachable!("the loop runs while either list has paths"),
@@ -626,8 +633,8 @@ impl Selector {
                 let mut ids: Vec<RelayId> = peer
                     .paths
                     .iter()
-                    .filter(|p| self.path_usable(&p.metrics, request, now))
-                    .map(|p| self.slots[p.slot as usize].id.clone())
+                    .filter(|p| self.path_usable(p, peer.newest, request, now))
+                    .map(|p| self.slots[p.slot() as usize].id.clone())
                     .collect();
                 ids.sort();
                 ids
@@ -653,9 +660,15 @@ impl Selector {
         self.end_to_end.get(first)?.get(second)
     }
 
-    fn path_usable(&self, m: &PathMetrics, request: &Request, now: Timestamp) -> bool {
-        m.carries(request.transport)
-            && m.measured_at.age_ms(now) <= self.policy.freshness.path_expire_secs * 1000
+    fn path_usable(
+        &self,
+        p: &PathEntry,
+        newest: Timestamp,
+        request: &Request,
+        now: Timestamp,
+    ) -> bool {
+        p.carries(request.transport)
+            && p.measured_at(newest).age_ms(now) <= self.policy.freshness.path_expire_secs * 1000
     }
 
     /// One common relay: a candidate with its score, or the reason it is not one.
@@ -669,9 +682,10 @@ impl Selector {
     ) -> Result<Candidate, RejectReason> {
         let policy = &self.policy;
         let fresh = &policy.freshness;
-        let (pa, pb) = (&path_a.metrics, &path_b.metrics);
-        for (side, m) in [(Side::A, pa), (Side::B, pb)] {
-            let age_ms = m.measured_at.age_ms(now);
+        let mut path_age_ms = 0;
+        for (side, peer, m) in [(Side::A, a, path_a), (Side::B, b, path_b)] {
+            let age_ms = m.measured_at(peer.newest).age_ms(now);
+            path_age_ms = path_age_ms.max(age_ms);
             if age_ms > fresh.path_expire_secs * 1000 {
                 return Err(RejectReason::PathExpired { side, age_ms });
             }
@@ -682,7 +696,7 @@ impl Selector {
                 });
             }
         }
-        let slot = &self.slots[path_a.slot as usize];
+        let slot = &self.slots[path_a.slot() as usize];
         let relay_id = &slot.id;
         let entry = slot.entry.as_ref().ok_or(RejectReason::UnknownRelay)?;
         let info = &entry.info;
@@ -751,7 +765,7 @@ impl Selector {
 
         let e2e =
             end_to_end.filter(|m| m.measured_at.age_ms(now) <= fresh.end_to_end_fresh_secs * 1000);
-        let path = estimate_path(path_a, path_b, e2e, now);
+        let path = estimate_path(path_a, path_b, path_age_ms, e2e);
         let score = self.score(&path, &load_view, region_penalty, info.weight);
         Ok(Candidate {
             relay: relay_id.clone(),
@@ -847,24 +861,23 @@ impl Selector {
     }
 }
 
-/// The path A → relay → B from the two legs, or from a fresh end-to-end measurement.
+/// The path A → relay → B from the two legs, or from a fresh end-to-end measurement; `age_ms`
+/// is the older leg's age.
 fn estimate_path(
-    path_a: &PathEntry,
-    path_b: &PathEntry,
+    pa: &PathEntry,
+    pb: &PathEntry,
+    age_ms: u64,
     end_to_end: Option<&EndToEnd>,
-    now: Timestamp,
 ) -> PathEstimate {
-    let (pa, pb) = (&path_a.metrics, &path_b.metrics);
-    let distance_km = match (path_a.distance_km, path_b.distance_km) {
+    let distance_km = match (pa.distance_km(), pb.distance_km()) {
         (Some(x), Some(y)) => Some(x + y),
         _ => None,
     };
-    let legs_bandwidth = match (pa.bandwidth_kbps, pb.bandwidth_kbps) {
+    let legs_bandwidth = match (pa.bandwidth_kbps(), pb.bandwidth_kbps()) {
         (Some(x), Some(y)) => Some(x.min(y)),
         (x, y) => x.or(y),
     };
-    let hops = pa.hops + pb.hops;
-    let age_ms = pa.measured_at.age_ms(now).max(pb.measured_at.age_ms(now));
+    let hops = pa.hops() + pb.hops();
     match end_to_end {
         Some(e) => PathEstimate {
             rtt_ms: e.rtt_ms,
@@ -882,9 +895,9 @@ fn estimate_path(
             age_ms,
         },
         None => PathEstimate {
-            rtt_ms: pa.rtt_ms + pb.rtt_ms,
+            rtt_ms: pa.rtt_ms() + pb.rtt_ms(),
             hops,
-            loss: 1.0 - (1.0 - pa.loss) * (1.0 - pb.loss),
+            loss: 1.0 - (1.0 - pa.loss()) * (1.0 - pb.loss()),
             bandwidth_kbps: legs_bandwidth,
             distance_km,
             source: PathSource::Legs,

@@ -27,6 +27,7 @@ mod decision;
 mod engine;
 mod model;
 pub mod policy;
+mod stored;
 
 pub use decision::{
     Candidate, Decision, LoadView, NoChoice, PathEstimate, PathSource, RejectReason, Rejection,

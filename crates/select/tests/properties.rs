@@ -1,6 +1,7 @@
 //! Property tests: over random worlds, improving one metric of one candidate (all else equal) never
 //! makes it rank lower; a full relay is never chosen; a decision is deterministic and its score
-//! parts add up.
+//! parts add up; a report read back from the selector's compact storage is what was sent, within
+//! the stated tolerances.
 
 use proptest::prelude::*;
 use steelyard_select::{
@@ -239,6 +240,59 @@ proptest! {
             }
             // Deterministic: the same state gives the same decision.
             prop_assert_eq!(s.decide(&Request::new("a", "b"), NOW).ok(), Some(d));
+        }
+    }
+
+    /// The selector stores paths compactly (RTT, loss and distance as `f32`, bandwidth as `u32`,
+    /// times relative to the report's newest). Read back: RTT and loss within 2^-24 relative
+    /// (what `f32` rounding gives), hops, transports and times exact, bandwidth exact up to
+    /// `u32::MAX - 1` kbit/s and saturated beyond.
+    #[test]
+    fn a_report_round_trips_through_storage(
+        paths in prop::collection::vec(
+            (
+                prop_oneof![0.0..1e6f64, Just(0.0), 1e30..1e300f64],
+                0..=255u32,
+                0.0..=1.0f64,
+                prop::option::of(prop_oneof![0..10_000_000u64, any::<u64>()]),
+                any::<bool>(),
+                any::<bool>(),
+                0..30 * 86_400_000u64,
+            ),
+            0..60,
+        ),
+    ) {
+        let mut s = Selector::new(Policy::default()).expect("default policy");
+        let mut sent = Vec::new();
+        for (i, (rtt_ms, hops, loss, bandwidth_kbps, udp, tcp, age)) in paths.into_iter().enumerate() {
+            let id = RelayId::new(format!("r{i:03}"));
+            s.upsert_relay(RelayInfo {
+                id: id.clone(),
+                location: None,
+                tier: 0,
+                weight: 1.0,
+                capacity: Capacity { max_sessions: 10, max_bandwidth_kbps: 0 },
+            })
+            .expect("relay");
+            let measured_at = Timestamp::from_millis(NOW.millis() - age);
+            sent.push((id, PathMetrics { rtt_ms, hops, loss, bandwidth_kbps, udp, tcp, measured_at }));
+        }
+        let report = PeerReport { peer: PeerId::new("a"), location: Some(at((1.0, 2.0))), paths: sent };
+        s.peer_report(report.clone()).expect("report");
+        let back = s.peer_report_of("a").expect("stored");
+        prop_assert_eq!(&back.peer, &report.peer);
+        prop_assert_eq!(&back.location, &report.location);
+        prop_assert_eq!(back.paths.len(), report.paths.len());
+        let tolerance = f64::from(f32::EPSILON) / 2.0;
+        for ((id, m), (id_back, b)) in report.paths.iter().zip(&back.paths) {
+            prop_assert_eq!(id, id_back);
+            let rtt = m.rtt_ms.min(f64::from(f32::MAX));
+            prop_assert!((b.rtt_ms - rtt).abs() <= rtt * tolerance, "rtt {} -> {}", m.rtt_ms, b.rtt_ms);
+            prop_assert!((b.loss - m.loss).abs() <= m.loss * tolerance, "loss {} -> {}", m.loss, b.loss);
+            prop_assert_eq!(b.hops, m.hops);
+            prop_assert_eq!((b.udp, b.tcp), (m.udp, m.tcp));
+            prop_assert_eq!(b.measured_at, m.measured_at);
+            prop_assert_eq!(b.bandwidth_kbps, m.bandwidth_kbps.map(|x| x.min(u64::from(u32::MAX) - 1)));
         }
     }
 }
