@@ -48,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::goodput::{self, Goodput};
-use crate::tunnel::{Frame, Tunnel, TunnelError, MAX_CHUNK};
+use crate::tunnel::{Frame, Tunnel, TunnelError, READ_BUF, WRITE_BATCH};
 
 /// Length of a resume id.
 pub const RESUME_ID_LEN: usize = 16;
@@ -136,6 +136,8 @@ impl AttachReply {
     }
 }
 
+/// Smallest replay buffer allowed.
+pub const MIN_REPLAY: usize = 16 << 10;
 /// Largest replay buffer allowed.
 pub const MAX_REPLAY: usize = 64 << 20;
 
@@ -185,7 +187,7 @@ pub enum ResumeError {
 /// Settings of the resumable layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeConfig {
-    /// Most unacknowledged bytes kept for retransmission, [`MAX_CHUNK`]..=[`MAX_REPLAY`].
+    /// Most unacknowledged bytes kept for retransmission, [`MIN_REPLAY`]..=[`MAX_REPLAY`].
     pub max_replay: usize,
     /// Acknowledge after this many bytes received, 1..=`max_replay / 2`.
     pub ack_every: usize,
@@ -218,8 +220,10 @@ impl Default for ResumeConfig {
 impl ResumeConfig {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), ResumeError> {
-        if !(MAX_CHUNK..=MAX_REPLAY).contains(&self.max_replay) {
-            return Err(ResumeError::Config("max_replay must be 16 KiB..=64 MiB"));
+        if !(MIN_REPLAY..=MAX_REPLAY).contains(&self.max_replay) {
+            return Err(ResumeError::Config(
+                "max_replay must be 16 KiB..=64 MiB (MIN_REPLAY..=MAX_REPLAY)",
+            ));
         }
         if self.ack_every == 0 || self.ack_every > self.max_replay / 2 {
             return Err(ResumeError::Config("ack_every must be 1..=max_replay/2"));
@@ -356,6 +360,34 @@ pub struct ResumeStats {
     pub goodput_kbps: Option<u64>,
 }
 
+/// Writes `chunks` to `w` in order, gathering consecutive ones into `batch` (up to
+/// [`WRITE_BATCH`] bytes) so that several frames' data take one call. Empties `chunks`.
+async fn write_gathered<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut Vec<Vec<u8>>,
+    batch: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    batch.clear();
+    if chunks.len() == 1 {
+        let only = chunks.pop().unwrap_or_default();
+        return w.write_all(&only).await;
+    }
+    for c in chunks.drain(..) {
+        if !batch.is_empty() && batch.len() + c.len() > WRITE_BATCH {
+            w.write_all(batch).await?;
+            batch.clear();
+        }
+        batch.extend_from_slice(&c);
+    }
+    if !batch.is_empty() {
+        w.write_all(batch).await?;
+    }
+    Ok(())
+}
+
+/// Decrypted chunks queued for the local connection's writer (each at most a frame's data).
+const LOCAL_QUEUE: usize = 8;
+
 fn fatal(e: &TunnelError) -> bool {
     matches!(
         e,
@@ -421,12 +453,16 @@ where
     let notify = Arc::new(Notify::new());
     // The local writer lives across tunnels, so a cancelled tunnel never leaves a chunk half
     // written: a chunk counts as received once it is in this channel.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    // It writes every chunk that is ready with one call (up to WRITE_BATCH bytes gathered).
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(LOCAL_QUEUE);
     let mut tx = Some(tx);
     let (st2, n2) = (state.clone(), notify.clone());
     let writer = tokio::spawn(async move {
-        while let Some(chunk) = rx.recv().await {
-            if let Err(e) = lw.write_all(&chunk).await {
+        let mut ready = Vec::with_capacity(LOCAL_QUEUE);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        while rx.recv_many(&mut ready, LOCAL_QUEUE).await > 0 {
+            let result = write_gathered(&mut lw, &mut ready, &mut batch).await;
+            if let Err(e) = result {
                 st2.lock().unwrap_or_else(|p| p.into_inner()).local_failed = Some(e.kind());
                 n2.notify_one();
                 return Err(e);
@@ -554,14 +590,14 @@ where
         if resend_end {
             tw.send_end().await?;
         }
-        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut buf = vec![0u8; READ_BUF];
         let mut last_sent = Instant::now();
         loop {
             let (ack, free, end_queued, done, local_failed) = {
                 let mut st = lock();
                 (
                     st.ack_due(),
-                    st.replay.free().min(MAX_CHUNK),
+                    st.replay.free().min(READ_BUF),
                     st.end_queued,
                     st.done(),
                     st.local_failed,
