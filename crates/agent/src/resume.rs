@@ -48,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::goodput::{self, Goodput};
-use crate::tunnel::{Frame, Tunnel, TunnelError, READ_BUF, WRITE_BATCH};
+use crate::tunnel::{Frame, Tunnel, TunnelError, READ_BUF};
 
 /// Length of a resume id.
 pub const RESUME_ID_LEN: usize = 16;
@@ -360,28 +360,42 @@ pub struct ResumeStats {
     pub goodput_kbps: Option<u64>,
 }
 
-/// Writes `chunks` to `w` in order, gathering consecutive ones into `batch` (up to
-/// [`WRITE_BATCH`] bytes) so that several frames' data take one call. Empties `chunks`.
+/// Writes `chunks` to `w` in order, several per call (`write_vectored`, no gathering copy)
+/// when the stream takes vectored writes, else one `write_all` each. Empties `chunks`.
 async fn write_gathered<W: AsyncWrite + Unpin>(
     w: &mut W,
     chunks: &mut Vec<Vec<u8>>,
-    batch: &mut Vec<u8>,
 ) -> std::io::Result<()> {
-    batch.clear();
-    if chunks.len() == 1 {
-        let only = chunks.pop().unwrap_or_default();
-        return w.write_all(&only).await;
-    }
-    for c in chunks.drain(..) {
-        if !batch.is_empty() && batch.len() + c.len() > WRITE_BATCH {
-            w.write_all(batch).await?;
-            batch.clear();
+    if chunks.len() == 1 || !w.is_write_vectored() {
+        for c in chunks.drain(..) {
+            w.write_all(&c).await?;
         }
-        batch.extend_from_slice(&c);
+        return Ok(());
     }
-    if !batch.is_empty() {
-        w.write_all(batch).await?;
+    // `first` is the first chunk not fully written, `off` how much of it was.
+    let (mut first, mut off) = (0, 0);
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .enumerate()
+            .map(|(k, c)| std::io::IoSlice::new(if k == 0 { &c[off..] } else { c }))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let left = chunks[first].len() - off;
+            if n >= left {
+                (first, off) = (first + 1, 0);
+                n -= left;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
     }
+    chunks.clear();
     Ok(())
 }
 
@@ -453,15 +467,14 @@ where
     let notify = Arc::new(Notify::new());
     // The local writer lives across tunnels, so a cancelled tunnel never leaves a chunk half
     // written: a chunk counts as received once it is in this channel.
-    // It writes every chunk that is ready with one call (up to WRITE_BATCH bytes gathered).
+    // It writes every chunk that is ready with one call.
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(LOCAL_QUEUE);
     let mut tx = Some(tx);
     let (st2, n2) = (state.clone(), notify.clone());
     let writer = tokio::spawn(async move {
         let mut ready = Vec::with_capacity(LOCAL_QUEUE);
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
         while rx.recv_many(&mut ready, LOCAL_QUEUE).await > 0 {
-            let result = write_gathered(&mut lw, &mut ready, &mut batch).await;
+            let result = write_gathered(&mut lw, &mut ready).await;
             if let Err(e) = result {
                 st2.lock().unwrap_or_else(|p| p.into_inner()).local_failed = Some(e.kind());
                 n2.notify_one();
@@ -699,6 +712,35 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Vectored writes of queued chunks over a real socket, with partial writes (more than
+    /// the socket buffers hold at once), deliver every byte in order.
+    #[tokio::test]
+    async fn gathered_writes_survive_partial_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut chunks: Vec<Vec<u8>> = (0..LOCAL_QUEUE)
+            .map(|i| (0..65_000 + i * 7).map(|k| (k * 31 + i) as u8).collect())
+            .collect();
+        let want: Vec<u8> = chunks.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for _ in 0..8 {
+            let mut round = chunks.clone();
+            write_gathered(&mut client, &mut round).await.unwrap();
+            assert!(round.is_empty());
+        }
+        client.shutdown().await.unwrap();
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), want.len() * 8);
+        assert!(got.chunks(want.len()).all(|c| c == want.as_slice()));
+        chunks.clear();
+    }
 
     #[test]
     fn replay_buffer_bounds_and_acks() {

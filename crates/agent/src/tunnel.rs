@@ -31,6 +31,9 @@
 //! encrypts all the frames of one [`TunnelWriter::send`] into one buffer (flushed every
 //! [`WRITE_BATCH`] bytes) and writes it with one call. [`bridge`] reads up to [`READ_BUF`]
 //! bytes from the local side at a time, so a busy stream moves four full frames per syscall.
+//! Memory per tunnel end, bounded: the reader holds [`READ_BUF`] + [`MAX_FRAME_LEN`] bytes,
+//! the writer at most [`WRITE_BATCH`] + 2 + [`MAX_FRAME_LEN`] + [`MAX_CHUNK`] (≈ 0.9 MiB in all,
+//! touched only as a stream's traffic needs it).
 //!
 //! The relay sees only lengths and ciphertext. Any change to a frame, a dropped, repeated or
 //! reordered frame, fails authentication ([`TunnelError::AuthenticationFailed`]); a stream that
