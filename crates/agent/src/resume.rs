@@ -48,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::goodput::{self, Goodput};
-use crate::tunnel::{Frame, Tunnel, TunnelError, READ_BUF};
+use crate::tunnel::{Frame, Tunnel, TunnelError, READ_BUF, SMALL_BUF};
 
 /// Length of a resume id.
 pub const RESUME_ID_LEN: usize = 16;
@@ -603,14 +603,14 @@ where
         if resend_end {
             tw.send_end().await?;
         }
-        let mut buf = vec![0u8; READ_BUF];
+        let mut buf = vec![0u8; SMALL_BUF];
         let mut last_sent = Instant::now();
         loop {
             let (ack, free, end_queued, done, local_failed) = {
                 let mut st = lock();
                 (
                     st.ack_due(),
-                    st.replay.free().min(READ_BUF),
+                    st.replay.free().min(buf.len()),
                     st.end_queued,
                     st.done(),
                     st.local_failed,
@@ -655,6 +655,9 @@ where
                             return Err(ResumeError::Local(e));
                         }
                     };
+                    if n == buf.len() && n < READ_BUF {
+                        buf.resize(READ_BUF, 0); // a bulk stream: several frames per call
+                    }
                     if n == 0 {
                         lock().end_queued = true;
                         tw.send_end().await?;

@@ -31,6 +31,7 @@
 //! encrypts all the frames of one [`TunnelWriter::send`] into one buffer (flushed every
 //! [`WRITE_BATCH`] bytes) and writes it with one call. [`bridge`] reads up to [`READ_BUF`]
 //! bytes from the local side at a time, so a busy stream moves four full frames per syscall.
+//! All these buffers start at [`SMALL_BUF`] and grow only for a stream that moves large frames.
 //! Memory per tunnel end, bounded: the reader holds [`READ_BUF`] + [`MAX_FRAME_LEN`] bytes,
 //! the writer at most [`WRITE_BATCH`] + 2 + [`MAX_FRAME_LEN`] + [`MAX_CHUNK`] (≈ 0.9 MiB in all,
 //! touched only as a stream's traffic needs it).
@@ -74,6 +75,10 @@ pub const MAX_CHUNK: usize = MAX_FRAME_LEN - 1 - TAG_LEN;
 pub const READ_BUF: usize = 256 * 1024;
 /// Encrypted bytes a [`TunnelWriter`] gathers before one write call (several frames per write).
 pub const WRITE_BATCH: usize = 256 * 1024;
+/// Size the buffers of a tunnel start at: they grow to [`READ_BUF`] / [`WRITE_BATCH`] only
+/// when a frame larger than this passes, so a tunnel carrying small messages (an interactive
+/// session, a connect-and-echo) never allocates, zeroes and faults in the large ones.
+pub const SMALL_BUF: usize = 16 * 1024;
 /// Most bytes of a handshake payload ([`Tunnel::handshake_with`]).
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 128;
 /// Length of a static public or private key.
@@ -391,18 +396,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
                 r,
                 crypto: self.crypto.clone(),
                 nonce: 0,
-                buf: vec![0u8; READ_BUF],
+                buf: Vec::new(),
                 start: 0,
                 end: 0,
-                plain: vec![0u8; MAX_FRAME_LEN],
+                plain: Vec::new(),
                 ended: false,
             },
             TunnelWriter {
                 w,
                 crypto: self.crypto,
                 nonce: 0,
-                out: Vec::with_capacity(WRITE_BATCH + 2 + MAX_FRAME_LEN),
-                plain: Vec::with_capacity(1 + MAX_CHUNK),
+                out: Vec::new(),
+                out_len: 0,
+                plain: Vec::new(),
                 finished: false,
             },
         )
@@ -414,7 +420,10 @@ pub struct TunnelWriter<W> {
     w: W,
     crypto: Arc<StatelessTransportState>,
     nonce: u64,
+    /// Encrypted frames not yet written: `out[..out_len]`. [`SMALL_BUF`] long, or once a
+    /// large frame passed, room for one more frame after [`WRITE_BATCH`] bytes.
     out: Vec<u8>,
+    out_len: usize,
     plain: Vec<u8>,
     finished: bool,
 }
@@ -425,22 +434,39 @@ impl<W: AsyncWrite + Unpin> TunnelWriter<W> {
         self.plain.clear();
         self.plain.push(kind);
         self.plain.extend_from_slice(data);
-        let at = self.out.len();
-        self.out.resize(at + 2 + MAX_FRAME_LEN, 0);
+        let at = self.out_len;
+        let need = at + 2 + self.plain.len() + TAG_LEN;
+        if self.out.len() < need && at < WRITE_BATCH {
+            let size = if need > SMALL_BUF {
+                WRITE_BATCH + 2 + MAX_FRAME_LEN
+            } else {
+                SMALL_BUF
+            };
+            self.out.resize(size, 0);
+        }
+        // Room for a frame is always left unless a send was cancelled half-way (the stream is
+        // then broken anyway): an error, never a panic.
+        let room = self
+            .out
+            .get_mut(at + 2..)
+            .filter(|r| r.len() >= self.plain.len() + TAG_LEN)
+            .ok_or(TunnelError::Protocol(
+                "tunnel writer reused after a cancelled send",
+            ))?;
         let n = self
             .crypto
-            .write_message(self.nonce, &self.plain, &mut self.out[at + 2..])
+            .write_message(self.nonce, &self.plain, room)
             .map_err(|e| TunnelError::Setup(format!("encrypt: {e}")))?;
         self.nonce += 1;
         self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
-        self.out.truncate(at + 2 + n);
+        self.out_len = at + 2 + n;
         Ok(())
     }
 
     /// Writes the output buffer with as few calls as the stream takes.
     async fn flush_out(&mut self) -> Result<(), TunnelError> {
-        let r = write_frame(&mut self.w, &self.out).await;
-        self.out.clear();
+        let r = write_frame(&mut self.w, &self.out[..self.out_len]).await;
+        self.out_len = 0;
         r
     }
 
@@ -457,11 +483,11 @@ impl<W: AsyncWrite + Unpin> TunnelWriter<W> {
         }
         for chunk in data.chunks(MAX_CHUNK) {
             self.seal(FRAME_DATA, chunk)?;
-            if self.out.len() >= WRITE_BATCH {
+            if self.out_len >= WRITE_BATCH {
                 self.flush_out().await?;
             }
         }
-        if !self.out.is_empty() {
+        if self.out_len > 0 {
             self.flush_out().await?;
         }
         Ok(())
@@ -514,8 +540,8 @@ pub struct TunnelReader<R> {
     r: R,
     crypto: Arc<StatelessTransportState>,
     nonce: u64,
-    /// Bytes read from the stream; `start..end` not yet decrypted. [`READ_BUF`] long, which
-    /// holds any frame.
+    /// Bytes read from the stream; `start..end` not yet decrypted. [`SMALL_BUF`] long, or
+    /// [`READ_BUF`] once a larger frame arrived (which holds any frame).
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -551,6 +577,14 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
                 self.buf.copy_within(self.start..self.end, 0);
                 self.end -= self.start;
                 self.start = 0;
+                if self.buf.len() < want {
+                    let size = if want > SMALL_BUF {
+                        READ_BUF
+                    } else {
+                        SMALL_BUF
+                    };
+                    self.buf.resize(size, 0);
+                }
             }
             let n = self.r.read(&mut self.buf[self.end..]).await?;
             if n == 0 {
@@ -574,6 +608,14 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
             self.fill(2 + n).await?;
             let body = self.start + 2..self.start + 2 + n;
             self.start = body.end;
+            if self.plain.len() < n {
+                let size = if n > SMALL_BUF {
+                    MAX_FRAME_LEN
+                } else {
+                    SMALL_BUF
+                };
+                self.plain.resize(size, 0);
+            }
             let m = self
                 .crypto
                 .read_message(self.nonce, &self.buf[body], &mut self.plain)
@@ -629,10 +671,13 @@ where
     let (mut lr, mut lw) = tokio::io::split(local);
     let (mut tr, mut tw) = tunnel.split();
     let up = async {
-        let mut buf = vec![0u8; READ_BUF];
+        let mut buf = vec![0u8; SMALL_BUF];
         let mut sent = 0u64;
         loop {
             let n = lr.read(&mut buf).await?;
+            if n == buf.len() && n < READ_BUF {
+                buf.resize(READ_BUF, 0); // a bulk stream: read several frames per call
+            }
             if n == 0 {
                 tw.finish().await?;
                 return Ok::<u64, TunnelError>(sent);
