@@ -98,7 +98,11 @@ def first(i, end, pred):
             return j
     return None
 phases = {k: [] for k in ("local", "broker", "bob", "relay", "data", "total", "pair", "noise", "noise_cpu")}
-HS = 50  # a Noise KK handshake message with an empty payload: 32-byte key + 16-byte tag, 2-byte length
+# Noise KK handshake messages as the agents send them (2-byte length, 32-byte ephemeral key, the
+# encrypted payload and its 16-byte tag): alice's carries an Attach (resume::Attach: version,
+# kind, 16-byte id = 18 bytes), bob's answer an AttachReply::Accepted (1 byte).
+HS1 = 2 + 32 + 18 + 16
+HS2 = 2 + 32 + 1 + 16
 skipped = {}
 for n, i in enumerate(starts):
     end = starts[n + 1] if n + 1 < len(starts) else len(pk)
@@ -125,13 +129,13 @@ for n, i in enumerate(starts):
     phases["total"].append(T(back) - T(i))
     # Inside the relay phase: alice's first handshake message (to the relay) names alice's relay
     # connection; the relay's last status frame to it before that is "paired".
-    m1 = first(ans, ok, lambda p: p[2] == RLY and p[4] == HS)
+    m1 = first(ans, ok, lambda p: p[2] == RLY and p[4] == HS1)
     if m1 is not None:
         a_port = pk[m1][1]
         paired = max((j for j in range(ans, m1) if pk[j][1] == RLY and pk[j][2] == a_port and pk[j][4] > 0), default=None)
-        f1 = first(m1, ok, lambda p: p[1] == RLY and p[2] != a_port and p[4] == HS)
-        m2 = f1 and first(f1, ok, lambda p: p[2] == RLY and p[1] != a_port and p[4] == HS)
-        f2 = m2 and first(m2, ok, lambda p: p[1] == RLY and p[2] == a_port and p[4] == HS)
+        f1 = first(m1, ok, lambda p: p[1] == RLY and p[2] != a_port and p[4] == HS1)
+        m2 = f1 and first(f1, ok, lambda p: p[2] == RLY and p[1] != a_port and p[4] == HS2)
+        f2 = m2 and first(m2, ok, lambda p: p[1] == RLY and p[2] == a_port and p[4] == HS2)
         if None not in (paired, f1, m2, f2):
             phases["pair"].append(T(paired) - T(ans))
             phases["noise"].append(T(ok) - T(paired))

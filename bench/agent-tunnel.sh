@@ -41,7 +41,9 @@ for streams in 1 16; do
 done
 
 # The tunnel's plaintext chunk per frame, as the agent crate defines it (for the notes).
-CHUNK=$(sed -n 's/^pub const MAX_CHUNK: usize = \(.*\);/\1/p' crates/agent/src/tunnel.rs)
+const() { sed -n "s/^\(pub \)\?const $1: usize = \(.*\);/\2/p" crates/agent/src/tunnel.rs; }
+CHUNK="$(const MAX_CHUNK) = $(( $(const MAX_FRAME_LEN) - 1 - $(const TAG_LEN) ))"
+[[ $(const MAX_CHUNK) == "MAX_FRAME_LEN - 1 - TAG_LEN" ]] || CHUNK=$(const MAX_CHUNK)
 python3 - "$WORK/results.jsonl" "$BYTES" "$ROUNDS" "$LOADAVG" "${CHUNK:-unknown}" <<'PY'
 import json, statistics, sys
 path, nbytes, rounds, loadavg, chunk = sys.argv[1:]

@@ -48,7 +48,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 
 use crate::goodput::{self, Goodput};
-use crate::tunnel::{Frame, Tunnel, TunnelError, MAX_CHUNK};
+use crate::tunnel::{Frame, Tunnel, TunnelError, READ_BUF, SMALL_BUF};
 
 /// Length of a resume id.
 pub const RESUME_ID_LEN: usize = 16;
@@ -136,6 +136,8 @@ impl AttachReply {
     }
 }
 
+/// Smallest replay buffer allowed.
+pub const MIN_REPLAY: usize = 16 << 10;
 /// Largest replay buffer allowed.
 pub const MAX_REPLAY: usize = 64 << 20;
 
@@ -185,7 +187,7 @@ pub enum ResumeError {
 /// Settings of the resumable layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeConfig {
-    /// Most unacknowledged bytes kept for retransmission, [`MAX_CHUNK`]..=[`MAX_REPLAY`].
+    /// Most unacknowledged bytes kept for retransmission, [`MIN_REPLAY`]..=[`MAX_REPLAY`].
     pub max_replay: usize,
     /// Acknowledge after this many bytes received, 1..=`max_replay / 2`.
     pub ack_every: usize,
@@ -218,8 +220,10 @@ impl Default for ResumeConfig {
 impl ResumeConfig {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), ResumeError> {
-        if !(MAX_CHUNK..=MAX_REPLAY).contains(&self.max_replay) {
-            return Err(ResumeError::Config("max_replay must be 16 KiB..=64 MiB"));
+        if !(MIN_REPLAY..=MAX_REPLAY).contains(&self.max_replay) {
+            return Err(ResumeError::Config(
+                "max_replay must be 16 KiB..=64 MiB (MIN_REPLAY..=MAX_REPLAY)",
+            ));
         }
         if self.ack_every == 0 || self.ack_every > self.max_replay / 2 {
             return Err(ResumeError::Config("ack_every must be 1..=max_replay/2"));
@@ -356,6 +360,48 @@ pub struct ResumeStats {
     pub goodput_kbps: Option<u64>,
 }
 
+/// Writes `chunks` to `w` in order, several per call (`write_vectored`, no gathering copy)
+/// when the stream takes vectored writes, else one `write_all` each. Empties `chunks`.
+async fn write_gathered<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    chunks: &mut Vec<Vec<u8>>,
+) -> std::io::Result<()> {
+    if chunks.len() == 1 || !w.is_write_vectored() {
+        for c in chunks.drain(..) {
+            w.write_all(&c).await?;
+        }
+        return Ok(());
+    }
+    // `first` is the first chunk not fully written, `off` how much of it was.
+    let (mut first, mut off) = (0, 0);
+    while first < chunks.len() {
+        let slices: Vec<std::io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .enumerate()
+            .map(|(k, c)| std::io::IoSlice::new(if k == 0 { &c[off..] } else { c }))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let left = chunks[first].len() - off;
+            if n >= left {
+                (first, off) = (first + 1, 0);
+                n -= left;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    chunks.clear();
+    Ok(())
+}
+
+/// Decrypted chunks queued for the local connection's writer (each at most a frame's data).
+const LOCAL_QUEUE: usize = 8;
+
 fn fatal(e: &TunnelError) -> bool {
     matches!(
         e,
@@ -421,12 +467,15 @@ where
     let notify = Arc::new(Notify::new());
     // The local writer lives across tunnels, so a cancelled tunnel never leaves a chunk half
     // written: a chunk counts as received once it is in this channel.
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(8);
+    // It writes every chunk that is ready with one call.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(LOCAL_QUEUE);
     let mut tx = Some(tx);
     let (st2, n2) = (state.clone(), notify.clone());
     let writer = tokio::spawn(async move {
-        while let Some(chunk) = rx.recv().await {
-            if let Err(e) = lw.write_all(&chunk).await {
+        let mut ready = Vec::with_capacity(LOCAL_QUEUE);
+        while rx.recv_many(&mut ready, LOCAL_QUEUE).await > 0 {
+            let result = write_gathered(&mut lw, &mut ready).await;
+            if let Err(e) = result {
                 st2.lock().unwrap_or_else(|p| p.into_inner()).local_failed = Some(e.kind());
                 n2.notify_one();
                 return Err(e);
@@ -554,14 +603,14 @@ where
         if resend_end {
             tw.send_end().await?;
         }
-        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut buf = vec![0u8; SMALL_BUF];
         let mut last_sent = Instant::now();
         loop {
             let (ack, free, end_queued, done, local_failed) = {
                 let mut st = lock();
                 (
                     st.ack_due(),
-                    st.replay.free().min(MAX_CHUNK),
+                    st.replay.free().min(buf.len()),
                     st.end_queued,
                     st.done(),
                     st.local_failed,
@@ -606,6 +655,9 @@ where
                             return Err(ResumeError::Local(e));
                         }
                     };
+                    if n == buf.len() && n < READ_BUF {
+                        buf.resize(READ_BUF, 0); // a bulk stream: several frames per call
+                    }
                     if n == 0 {
                         lock().end_queued = true;
                         tw.send_end().await?;
@@ -663,6 +715,35 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Vectored writes of queued chunks over a real socket, with partial writes (more than
+    /// the socket buffers hold at once), deliver every byte in order.
+    #[tokio::test]
+    async fn gathered_writes_survive_partial_writes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut chunks: Vec<Vec<u8>> = (0..LOCAL_QUEUE)
+            .map(|i| (0..65_000 + i * 7).map(|k| (k * 31 + i) as u8).collect())
+            .collect();
+        let want: Vec<u8> = chunks.concat();
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            server.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        for _ in 0..8 {
+            let mut round = chunks.clone();
+            write_gathered(&mut client, &mut round).await.unwrap();
+            assert!(round.is_empty());
+        }
+        client.shutdown().await.unwrap();
+        let got = reader.await.unwrap();
+        assert_eq!(got.len(), want.len() * 8);
+        assert!(got.chunks(want.len()).all(|c| c == want.as_slice()));
+        chunks.clear();
+    }
 
     #[test]
     fn replay_buffer_bounds_and_acks() {

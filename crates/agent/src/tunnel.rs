@@ -24,6 +24,18 @@
 //!    UTF-8 reason of at most [`MAX_ABORT_REASON`] bytes); `2` and `3` are used only by the
 //!    resumable layer in [`crate::resume`] and are errors in a plain tunnel.
 //!
+//! # I/O
+//!
+//! Each half batches its system calls: the reader reads up to [`READ_BUF`] bytes at a time and
+//! decrypts every whole frame in them (no unbuffered 2-byte length reads), and the writer
+//! encrypts all the frames of one [`TunnelWriter::send`] into one buffer (flushed every
+//! [`WRITE_BATCH`] bytes) and writes it with one call. [`bridge`] reads up to [`READ_BUF`]
+//! bytes from the local side at a time, so a busy stream moves four full frames per syscall.
+//! All these buffers start at [`SMALL_BUF`] and grow only for a stream that moves large frames.
+//! Memory per tunnel end, bounded: the reader holds [`READ_BUF`] + [`MAX_FRAME_LEN`] bytes,
+//! the writer at most [`WRITE_BATCH`] + 2 + [`MAX_FRAME_LEN`] + [`MAX_CHUNK`] (≈ 0.9 MiB in all,
+//! touched only as a stream's traffic needs it).
+//!
 //! The relay sees only lengths and ciphertext. Any change to a frame, a dropped, repeated or
 //! reordered frame, fails authentication ([`TunnelError::AuthenticationFailed`]); a stream that
 //! ends without the peer's authenticated end-of-stream frame is
@@ -55,8 +67,18 @@ pub const PROLOGUE_PREFIX: &[u8] = b"steelyard-tunnel/1";
 pub const MAX_FRAME_LEN: usize = 65535;
 /// Shortest transport frame body: the type byte and the 16-byte tag.
 pub const MIN_FRAME_LEN: usize = 1 + TAG_LEN;
-/// Most plaintext bytes in one data frame.
-pub const MAX_CHUNK: usize = 16 * 1024;
+/// Most plaintext bytes in one data frame: a whole Noise message less the type byte and the
+/// tag, so a frame is as large as the protocol allows (fewer frames, fewer tags, fewer calls).
+pub const MAX_CHUNK: usize = MAX_FRAME_LEN - 1 - TAG_LEN;
+/// Bytes a [`TunnelReader`] reads from the relayed stream at once (several frames per read
+/// call; the last frame may be partial and is completed by the next read).
+pub const READ_BUF: usize = 256 * 1024;
+/// Encrypted bytes a [`TunnelWriter`] gathers before one write call (several frames per write).
+pub const WRITE_BATCH: usize = 256 * 1024;
+/// Size the buffers of a tunnel start at: they grow to [`READ_BUF`] / [`WRITE_BATCH`] only
+/// when a frame larger than this passes, so a tunnel carrying small messages (an interactive
+/// session, a connect-and-echo) never allocates, zeroes and faults in the large ones.
+pub const SMALL_BUF: usize = 16 * 1024;
 /// Most bytes of a handshake payload ([`Tunnel::handshake_with`]).
 pub const MAX_HANDSHAKE_PAYLOAD: usize = 128;
 /// Length of a static public or private key.
@@ -374,16 +396,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Tunnel<S> {
                 r,
                 crypto: self.crypto.clone(),
                 nonce: 0,
-                buf: Vec::with_capacity(MAX_FRAME_LEN),
-                plain: vec![0u8; MAX_FRAME_LEN],
+                buf: Vec::new(),
+                start: 0,
+                end: 0,
+                plain: Vec::new(),
                 ended: false,
             },
             TunnelWriter {
                 w,
                 crypto: self.crypto,
                 nonce: 0,
-                out: vec![0u8; 2 + MAX_FRAME_LEN],
-                plain: Vec::with_capacity(1 + MAX_CHUNK),
+                out: Vec::new(),
+                out_len: 0,
+                plain: Vec::new(),
                 finished: false,
             },
         )
@@ -395,32 +420,75 @@ pub struct TunnelWriter<W> {
     w: W,
     crypto: Arc<StatelessTransportState>,
     nonce: u64,
+    /// Encrypted frames not yet written: `out[..out_len]`. [`SMALL_BUF`] long, or once a
+    /// large frame passed, room for one more frame after [`WRITE_BATCH`] bytes.
     out: Vec<u8>,
+    out_len: usize,
     plain: Vec<u8>,
     finished: bool,
 }
 
 impl<W: AsyncWrite + Unpin> TunnelWriter<W> {
-    async fn send_frame(&mut self, kind: u8, data: &[u8]) -> Result<(), TunnelError> {
+    /// Encrypts one frame onto the end of the output buffer (not yet written).
+    fn seal(&mut self, kind: u8, data: &[u8]) -> Result<(), TunnelError> {
         self.plain.clear();
         self.plain.push(kind);
         self.plain.extend_from_slice(data);
+        let at = self.out_len;
+        let need = at + 2 + self.plain.len() + TAG_LEN;
+        if self.out.len() < need && at < WRITE_BATCH {
+            let size = if need > SMALL_BUF {
+                WRITE_BATCH + 2 + MAX_FRAME_LEN
+            } else {
+                SMALL_BUF
+            };
+            self.out.resize(size, 0);
+        }
+        // Room for a frame is always left unless a send was cancelled half-way (the stream is
+        // then broken anyway): an error, never a panic.
+        let room = self
+            .out
+            .get_mut(at + 2..)
+            .filter(|r| r.len() >= self.plain.len() + TAG_LEN)
+            .ok_or(TunnelError::Protocol(
+                "tunnel writer reused after a cancelled send",
+            ))?;
         let n = self
             .crypto
-            .write_message(self.nonce, &self.plain, &mut self.out[2..])
+            .write_message(self.nonce, &self.plain, room)
             .map_err(|e| TunnelError::Setup(format!("encrypt: {e}")))?;
         self.nonce += 1;
-        self.out[..2].copy_from_slice(&(n as u16).to_be_bytes());
-        write_frame(&mut self.w, &self.out[..2 + n]).await
+        self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        self.out_len = at + 2 + n;
+        Ok(())
     }
 
-    /// Encrypts and sends `data` (split into frames of at most [`MAX_CHUNK`] bytes).
+    /// Writes the output buffer with as few calls as the stream takes.
+    async fn flush_out(&mut self) -> Result<(), TunnelError> {
+        let r = write_frame(&mut self.w, &self.out[..self.out_len]).await;
+        self.out_len = 0;
+        r
+    }
+
+    async fn send_frame(&mut self, kind: u8, data: &[u8]) -> Result<(), TunnelError> {
+        self.seal(kind, data)?;
+        self.flush_out().await
+    }
+
+    /// Encrypts and sends `data` (split into frames of at most [`MAX_CHUNK`] bytes, written
+    /// [`WRITE_BATCH`] bytes at a time).
     pub async fn send(&mut self, data: &[u8]) -> Result<(), TunnelError> {
         if self.finished {
             return Err(TunnelError::Finished);
         }
         for chunk in data.chunks(MAX_CHUNK) {
-            self.send_frame(FRAME_DATA, chunk).await?;
+            self.seal(FRAME_DATA, chunk)?;
+            if self.out_len >= WRITE_BATCH {
+                self.flush_out().await?;
+            }
+        }
+        if self.out_len > 0 {
+            self.flush_out().await?;
         }
         Ok(())
     }
@@ -472,7 +540,11 @@ pub struct TunnelReader<R> {
     r: R,
     crypto: Arc<StatelessTransportState>,
     nonce: u64,
+    /// Bytes read from the stream; `start..end` not yet decrypted. [`SMALL_BUF`] long, or
+    /// [`READ_BUF`] once a larger frame arrived (which holds any frame).
     buf: Vec<u8>,
+    start: usize,
+    end: usize,
     plain: Vec<u8>,
     ended: bool,
 }
@@ -493,16 +565,60 @@ impl<R: AsyncRead + Unpin> TunnelReader<R> {
         }
     }
 
+    /// Makes at least `want` undecrypted bytes available at `buf[start..]`, reading as much
+    /// as the stream has ready (up to the buffer's end). Cancel-safe: bytes read stay in the
+    /// buffer. `want` is at most `2 + MAX_FRAME_LEN`, which fits the buffer.
+    async fn fill(&mut self, want: usize) -> Result<(), TunnelError> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+        while self.end - self.start < want {
+            if self.buf.len() - self.start < want {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                if self.buf.len() < want {
+                    let size = if want > SMALL_BUF {
+                        READ_BUF
+                    } else {
+                        SMALL_BUF
+                    };
+                    self.buf.resize(size, 0);
+                }
+            }
+            let n = self.r.read(&mut self.buf[self.end..]).await?;
+            if n == 0 {
+                return Err(TunnelError::Truncated);
+            }
+            self.end += n;
+        }
+        Ok(())
+    }
+
     /// The next frame of any type. Empty data frames are skipped. After an end-of-stream
     /// frame, further frames are still read (the resumable layer needs acknowledgements).
+    /// Cancel-safe (a cancelled call loses no bytes; the next call continues the frame).
     pub async fn recv_frame(&mut self) -> Result<Frame<'_>, TunnelError> {
         loop {
-            let Some(n) = read_frame(&mut self.r, &mut self.buf, MIN_FRAME_LEN).await? else {
-                return Err(TunnelError::Truncated);
-            };
+            self.fill(2).await?;
+            let n = decode_frame_len(
+                [self.buf[self.start], self.buf[self.start + 1]],
+                MIN_FRAME_LEN,
+            )?;
+            self.fill(2 + n).await?;
+            let body = self.start + 2..self.start + 2 + n;
+            self.start = body.end;
+            if self.plain.len() < n {
+                let size = if n > SMALL_BUF {
+                    MAX_FRAME_LEN
+                } else {
+                    SMALL_BUF
+                };
+                self.plain.resize(size, 0);
+            }
             let m = self
                 .crypto
-                .read_message(self.nonce, &self.buf[..n], &mut self.plain)
+                .read_message(self.nonce, &self.buf[body], &mut self.plain)
                 .map_err(|_| TunnelError::AuthenticationFailed)?;
             self.nonce += 1;
             match self.plain[..m].split_first() {
@@ -555,10 +671,13 @@ where
     let (mut lr, mut lw) = tokio::io::split(local);
     let (mut tr, mut tw) = tunnel.split();
     let up = async {
-        let mut buf = vec![0u8; MAX_CHUNK];
+        let mut buf = vec![0u8; SMALL_BUF];
         let mut sent = 0u64;
         loop {
             let n = lr.read(&mut buf).await?;
+            if n == buf.len() && n < READ_BUF {
+                buf.resize(READ_BUF, 0); // a bulk stream: read several frames per call
+            }
             if n == 0 {
                 tw.finish().await?;
                 return Ok::<u64, TunnelError>(sent);
@@ -670,6 +789,95 @@ mod tests {
             .await
             .unwrap_err();
         assert!(e.to_string().contains("exceeds"), "{e}");
+    }
+
+    /// A stream that counts the read and write calls that moved bytes.
+    struct Counting<S> {
+        inner: S,
+        reads: Arc<std::sync::atomic::AtomicUsize>,
+        writes: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let before = buf.filled().len();
+            let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+            if buf.filled().len() > before {
+                self.reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+    }
+
+    impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+                self.writes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+        fn poll_flush(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The syscall budget of the data path: full-size frames, several frames per write call
+    /// and per read call (not one write per frame, nor a read for each 2-byte length).
+    #[tokio::test]
+    async fn frames_are_full_size_and_batched_per_call() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (ca, cb) = pair();
+        let (sa, sb) = tokio::io::duplex(4 << 20);
+        let (wa_n, rb_n) = (Arc::default(), Arc::default());
+        let sa = Counting {
+            inner: sa,
+            reads: Arc::default(),
+            writes: Arc::clone(&wa_n),
+        };
+        let sb = Counting {
+            inner: sb,
+            reads: Arc::clone(&rb_n),
+            writes: Arc::default(),
+        };
+        let (ta, tb) = tokio::join!(Tunnel::handshake(sa, &ca), Tunnel::handshake(sb, &cb));
+        let (_ra, mut wa) = ta.unwrap().split();
+        let (mut rb, _wb) = tb.unwrap().split();
+        let (w0, r0) = (wa_n.load(Relaxed), rb_n.load(Relaxed));
+        // 16 full frames, all written before the reader starts.
+        let data: Vec<u8> = (0..MAX_CHUNK * 16).map(|i| (i % 251) as u8).collect();
+        wa.send(&data).await.unwrap();
+        wa.finish().await.unwrap();
+        let writes = wa_n.load(Relaxed) - w0;
+        // 16 frames of 2 + 65535 bytes in WRITE_BATCH pieces, and the end frame.
+        assert!(writes <= 5, "{writes} write calls for 16 frames");
+        let mut got = Vec::new();
+        while let Some(d) = rb.recv().await.unwrap() {
+            assert_eq!(d.len(), MAX_CHUNK, "every frame carries a full chunk");
+            got.extend_from_slice(d);
+        }
+        assert_eq!(got, data);
+        let reads = rb_n.load(Relaxed) - r0;
+        assert!(reads <= 8, "{reads} read calls for 17 frames");
     }
 
     /// Forwards whole frames from `from` to `to`, sending frame number `dup` twice.
