@@ -347,3 +347,69 @@ pub async fn expect_error(ws: &mut Ws, code: api::ErrorCode) -> ApiError {
         other => panic!("expected a {code} error, got {other:?}"),
     }
 }
+
+/// A `steelyard` child process, killed on drop.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `steelyard <args>` with `RUST_LOG=log` (stderr inherited) and returns it with its
+/// first stdout line (the address line every long-running subcommand prints).
+pub fn start_logging(args: &[&str], log: &str) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .args(args)
+        .env("RUST_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start steelyard");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let proc = Proc(child);
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("steelyard {args:?} printed nothing within 30 s"));
+    (proc, line)
+}
+
+/// [`start_logging`] at `warn`.
+pub fn start(args: &[&str]) -> (Proc, String) {
+    start_logging(args, "warn")
+}
+
+/// A TCP port free on 127.0.0.1 just now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A UDP port free on 127.0.0.1 just now.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// FNV-1a of `data`: a cheap checksum for comparing what was sent with what came back.
+pub fn fnv(data: &[u8]) -> u64 {
+    data.iter().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100000001b3)
+    })
+}
