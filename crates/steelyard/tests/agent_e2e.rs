@@ -68,23 +68,6 @@ async fn http_service() -> SocketAddr {
     addr
 }
 
-/// An echo service with half-close.
-async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
-}
-
 /// A UDP echo service; counts the datagrams it answered.
 async fn udp_echo_service() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use broker_support::*;
 use steelyard_agent::daemon::open_via_agent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Starts `steelyard <args>` logging at `$FAILOVER_LOG` (default `warn`).
 fn start(args: &[&str]) -> (Proc, String) {
@@ -83,23 +83,6 @@ fn start_agent(dir: &Path, broker: SocketAddr, peer: &str, extra: &str) -> (Proc
         "{line}"
     );
     (proc, format!("127.0.0.1:{control}").parse().unwrap())
-}
-
-/// An echo service with half-close.
-async fn echo_service() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    addr
 }
 
 fn payload(len: usize, seed: u32) -> Vec<u8> {
