@@ -1,7 +1,7 @@
 //! The whole main job with real processes: a `steelyard broker`, a `steelyard relay` that
 //! trusts the broker's published ticket key, two `steelyard agent`s (alice and bob) and
 //! `steelyard connect` on alice's side. A real HTTP request through alice's listener gets the
-//! answer of the HTTP server behind bob; then 20 concurrent tunnels each move 256 KiB through
+//! answer of the HTTP server behind bob; then 100 concurrent tunnels each move 256 KiB through
 //! an echo service behind bob and get it back intact (checksummed); the broker's session
 //! history shows the sessions ended with an end-to-end RTT. A UDP service behind bob
 //! (`udp:` in bob's `[services]`, `steelyard connect --udp` on alice's side) echoes datagrams
@@ -125,7 +125,8 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     let (relay_tcp, relay_udp, relay_probe) = (free_port(), free_udp_port(), free_udp_port());
     let mut config = base_config(&dir);
     config.push_str(&format!(
-        "\n[schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
+        "\n[limits]\nmax_pending_connects = 128\nmessages_per_sec = 1000\nmessage_burst = 1000\n\n\
+         [schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
          tcp_addr = \"127.0.0.1:{relay_tcp}\"\nudp_addr = \"127.0.0.1:{relay_probe}\"\nmax_sessions = 1000\n",
         key_hex(100)
     ));
@@ -282,11 +283,12 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
         "bob's UDP service answered every datagram once"
     );
 
-    // 20 concurrent tunnels, 256 KiB each way, checksummed.
+    // 100 concurrent tunnels, 256 KiB each way, checksummed (the broker's per-peer limits are
+    // raised for the burst: 100 connects at once from one agent).
     let echo_addr: SocketAddr = format!("127.0.0.1:{echo_port}").parse().unwrap();
     let t1 = Instant::now();
     let len = 256 * 1024;
-    let rounds: Vec<_> = (0..20)
+    let rounds: Vec<_> = (0..100)
         .map(|i| tokio::spawn(echo_round(echo_addr, i, len)))
         .collect();
     for (i, r) in rounds.into_iter().enumerate() {
