@@ -386,17 +386,9 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_connects_over_wss_with_its_ca_file() {
     let dir = temp_dir("agent-wss");
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
     let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("other.pem"), other.cert.pem()).unwrap();
-    let config = base_config(&dir).replace("listen_plain = true\n", "")
-        + &format!(
-            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        );
+    let (_certified, config) = tls_config(&dir);
     let broker = BrokerProcess::start(&dir, &config);
     let port = broker.addr.port();
     let agent = |peer: &str, ca: &str| {

@@ -35,15 +35,7 @@ async fn tls_stream(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_enroll_over_tls() {
     let dir = temp_dir("tls");
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
-    let config = base_config(&dir).replace("listen_plain = true\n", "")
-        + &format!(
-            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        );
+    let (certified, config) = tls_config(&dir);
     let broker = BrokerProcess::start(&dir, &config);
     let cert = certified.cert.der().clone();
 

@@ -428,17 +428,10 @@ async fn https_json(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_reports_over_wss_with_a_ca_file() {
     let dir = temp_dir("relay-broker-tls");
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
     let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     std::fs::write(dir.join("other.pem"), other.cert.pem()).unwrap();
-    let config = base_config(&dir).replace("listen_plain = true\n", "")
-        + &format!(
-            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n[schedule]\nrelay_load_interval_ms = 200\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display()
-        );
+    let (certified, config) = tls_config(&dir);
+    let config = config + "[schedule]\nrelay_load_interval_ms = 200\n";
     let broker = BrokerProcess::start(&dir, &config);
     let cert = certified.cert.der().clone();
     let keys = https_json(broker.addr, &cert, "/v1/keys").await;

@@ -430,3 +430,18 @@ pub async fn echo_service() -> SocketAddr {
     });
     addr
 }
+
+/// A broker config serving TLS only, with a self-signed certificate for `localhost` written to
+/// `dir` (`cert.pem`, `key.pem`); returns the certificate (for clients to trust) and the config.
+pub fn tls_config(dir: &Path) -> (rcgen::CertifiedKey, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), certified.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), certified.key_pair.serialize_pem()).unwrap();
+    let config = base_config(dir).replace("listen_plain = true\n", "")
+        + &format!(
+            "\n[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        );
+    (certified, config)
+}
