@@ -9,7 +9,7 @@
 //! What it does not do: no sockets, no clock, no store calls, no signing (connect returns the
 //! unsigned tickets; the I/O layer signs them outside the lock).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use steelyard_proto::api::{
@@ -88,6 +88,8 @@ struct RelayState {
 struct LiveSession {
     record: SessionRecord,
     a_conn: ConnId,
+    /// The connection B had when the offer went out.
+    b_conn: ConnId,
     request_id: u64,
     /// Until B answers: A's answer, and when the offer times out.
     parked: Option<ConnectAnswer>,
@@ -192,7 +194,9 @@ pub struct Core {
     sessions: HashMap<SessionId, LiveSession>,
     /// Live sessions in creation order, for forgetting.
     session_order: std::collections::VecDeque<(Timestamp, SessionId)>,
-    pending_offers: usize,
+    /// Offers waiting for B's answer, by the connection B had when the offer went out: what
+    /// fails when that connection drops, and what the tick checks for timeouts.
+    offers: BTreeSet<(ConnId, SessionId)>,
     relay_map: Vec<RelayMapEntry>,
     /// The relay map encoded as `RelayMap` messages, pages 0.., rebuilt when it changes.
     relay_map_encoded: Arc<Vec<String>>,
@@ -263,6 +267,25 @@ fn transport_name(t: TransportKind) -> &'static str {
     }
 }
 
+/// The error for a message dropped for the message rate. It names the limit and carries the
+/// dropped message's `request_id` when it has one (found without parsing the message: bounded
+/// work, see [`api::request_id_of`]), so the agent fails that request at once instead of
+/// waiting for an answer that will not come.
+pub fn rate_limited(text: &str, limits: &LimitsConfig) -> ApiError {
+    let e = err(
+        ErrorCode::RateLimited,
+        format!(
+            "more than {} messages per second (burst {}): message dropped; pace messages under \
+             the limits in the welcome, or ask the operator to raise [limits] messages_per_sec",
+            limits.messages_per_sec, limits.message_burst
+        ),
+    );
+    match api::request_id_of(text) {
+        Some(id) => e.for_request(id),
+        None => e,
+    }
+}
+
 /// Maps a selection failure to the API error an initiator gets.
 pub fn no_choice_error(e: &NoChoice) -> ApiError {
     let code = match e {
@@ -300,7 +323,7 @@ impl Core {
             relays: BTreeMap::new(),
             sessions: HashMap::new(),
             session_order: Default::default(),
-            pending_offers: 0,
+            offers: BTreeSet::new(),
             relay_map: Vec::new(),
             relay_map_encoded: Arc::new(Vec::new()),
             effects: Effects::default(),
@@ -411,6 +434,11 @@ impl Core {
             relays: pages[0].to_vec(),
             relay_map_pages: pages.len() as u32,
             ticket_keys,
+            limits: Some(api::ChannelLimits {
+                messages_per_sec: self.limits.messages_per_sec,
+                message_burst: self.limits.message_burst.max(1),
+                max_pending_connects: self.limits.max_pending_connects,
+            }),
         }
     }
 
@@ -540,8 +568,33 @@ impl Core {
     }
 
     /// Marks an agent's connection gone (if it is still the current one). Offers it made on
-    /// that connection are withdrawn: nobody would get the answer.
+    /// that connection are withdrawn: nobody would get the answer. Offers made *to* it fail at
+    /// once: their initiators get [`ErrorCode::PeerOffline`] instead of waiting for the offer
+    /// timeout, and the relays' pending load is released.
     pub fn agent_offline(&mut self, peer: &str, conn: ConnId, now: Timestamp) {
+        let to_it: Vec<SessionId> = self
+            .offers
+            .range((conn, SessionId([0; SessionId::LEN]))..)
+            .take_while(|(c, _)| *c == conn)
+            .map(|(_, id)| *id)
+            .collect();
+        for id in to_it {
+            if let Some(s) = self.sessions.get(&id) {
+                let message = format!(
+                    "peer {} went offline before answering the offer; connect again when it is \
+                     back",
+                    s.record.to
+                );
+                self.effects.send.push((
+                    s.a_conn,
+                    BrokerMessage::Error(
+                        err(ErrorCode::PeerOffline, message).for_request(s.request_id),
+                    ),
+                ));
+            }
+            // Nobody to tell: the connection that got the offer is gone.
+            self.end_offer(id, None, now);
+        }
         let Some(p) = self.peers.get_mut(peer) else {
             return;
         };
@@ -557,7 +610,7 @@ impl Core {
                 .map(|(id, _)| *id)
                 .collect();
             for id in mine {
-                self.withdraw_offer(id, WithdrawReason::InitiatorGone, now);
+                self.end_offer(id, Some(WithdrawReason::InitiatorGone), now);
             }
         }
     }
@@ -661,7 +714,9 @@ impl Core {
             transport: transport_of(transport).0,
             current: None,
         };
-        self.selector.decide(&request, now)
+        self.selector
+            .decide(&request, now)
+            .map(Decision::with_reported_figures)
     }
 
     /// Peer `from` (on `a_conn`) asks for a session. Decides, creates the session and its
@@ -807,13 +862,14 @@ impl Core {
             if let Some(p) = self.peers.get_mut(from) {
                 p.pending_connects += 1;
             }
-            self.pending_offers += 1;
+            self.offers.insert((b_conn, session_id));
         }
         self.remember_session(
             session_id,
             LiveSession {
                 record,
                 a_conn,
+                b_conn,
                 request_id: req.request_id,
                 parked: None,
                 deadline: (!b_auto).then(|| now.plus_ms(self.limits.offer_timeout_ms)),
@@ -840,14 +896,15 @@ impl Core {
     fn forget_session(&mut self, id: SessionId) {
         if let Some(s) = self.sessions.remove(&id) {
             if s.deadline.is_some() {
-                self.resolve_pending(&s.record.from);
+                self.resolve_pending(&s.record.from, s.b_conn, id);
             }
         }
     }
 
     /// Ends a pending offer that will not be answered: the session is refused, its relay's
-    /// pending load released, and B (if still connected) told to drop what it prepared.
-    fn withdraw_offer(&mut self, id: SessionId, reason: WithdrawReason, now: Timestamp) {
+    /// pending load released, and B (if still connected and `reason` is given) told to drop
+    /// what it prepared.
+    fn end_offer(&mut self, id: SessionId, reason: Option<WithdrawReason>, now: Timestamp) {
         let Some(s) = self.sessions.get_mut(&id) else {
             return;
         };
@@ -860,22 +917,26 @@ impl Core {
         self.selector
             .release_assignment(&s.record.relay, Timestamp::from_millis(s.record.created_at));
         let record = s.record.clone();
-        if let Some(b_conn) = self.peers.get(&record.to).and_then(|b| b.conn) {
-            self.effects.send.push((
-                b_conn,
-                BrokerMessage::OfferWithdrawn(OfferWithdrawn {
-                    session_id: record.id.clone(),
-                    reason,
-                }),
-            ));
+        let b_conn = s.b_conn;
+        if let Some(reason) = reason {
+            if let Some(b_now) = self.peers.get(&record.to).and_then(|b| b.conn) {
+                self.effects.send.push((
+                    b_now,
+                    BrokerMessage::OfferWithdrawn(OfferWithdrawn {
+                        session_id: record.id.clone(),
+                        reason,
+                    }),
+                ));
+            }
         }
         let from = record.from.clone();
         self.effects.persist.push(Persist::Session(record));
-        self.resolve_pending(&from);
+        self.resolve_pending(&from, b_conn, id);
     }
 
-    fn resolve_pending(&mut self, from: &str) {
-        self.pending_offers = self.pending_offers.saturating_sub(1);
+    /// An offer is no longer pending: it stops counting against its initiator.
+    fn resolve_pending(&mut self, from: &str, b_conn: ConnId, id: SessionId) {
+        self.offers.remove(&(b_conn, id));
         if let Some(p) = self.peers.get_mut(from) {
             p.pending_connects = p.pending_connects.saturating_sub(1);
         }
@@ -911,7 +972,7 @@ impl Core {
             }
         };
         s.deadline = None;
-        let a_conn = s.a_conn;
+        let (a_conn, b_conn) = (s.a_conn, s.b_conn);
         let answered = OfferAnswered {
             round_trip_ms: Timestamp::from_millis(s.record.created_at).age_ms(now),
             answer_sent: reply.accept && s.parked.is_some(),
@@ -953,7 +1014,7 @@ impl Core {
         let from = record.from.clone();
         self.effects.persist.push(Persist::Session(record));
         self.effects.send.push((a_conn, message));
-        self.resolve_pending(&from);
+        self.resolve_pending(&from, b_conn, id);
         Ok(answered)
     }
 
@@ -1230,11 +1291,16 @@ impl Core {
     /// reports are asked for a fresh one; expired selection data and old sessions are
     /// forgotten.
     pub fn tick(&mut self, now: Timestamp) {
+        // Only pending offers are looked at, not every live session.
         let expired: Vec<SessionId> = self
-            .sessions
+            .offers
             .iter()
-            .filter(|(_, s)| s.deadline.is_some_and(|d| d <= now))
-            .map(|(id, _)| *id)
+            .filter(|(_, id)| {
+                self.sessions
+                    .get(id)
+                    .is_some_and(|s| s.deadline.is_some_and(|d| d <= now))
+            })
+            .map(|(_, id)| *id)
             .collect();
         for id in expired {
             if let Some(s) = self.sessions.get(&id) {
@@ -1245,7 +1311,7 @@ impl Core {
                     BrokerMessage::Error(err(ErrorCode::Timeout, message).for_request(request_id)),
                 ));
             }
-            self.withdraw_offer(id, WithdrawReason::Timeout, now);
+            self.end_offer(id, Some(WithdrawReason::Timeout), now);
         }
         let (interval, stale) = (self.schedule.interval_ms, self.schedule.stale_after_ms);
         for p in self.peers.values_mut() {
@@ -1332,7 +1398,7 @@ impl Core {
             relays: self.relays.len(),
             relays_online: self.relays.values().filter(|r| r.conn.is_some()).count(),
             live_sessions: self.sessions.len(),
-            pending_offers: self.pending_offers,
+            pending_offers: self.offers.len(),
             websockets_open: 0,
         }
     }

@@ -1334,16 +1334,7 @@ impl Connection {
                     };
                     shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
                     if !bucket.take() {
-                        shared.send_error(
-                            conn,
-                            ApiError::new(
-                                ErrorCode::RateLimited,
-                                format!(
-                                    "more than {} messages per second (burst {}): message dropped",
-                                    limits.messages_per_sec, limits.message_burst
-                                ),
-                            ),
-                        );
+                        shared.send_error(conn, crate::core::rate_limited(&text, limits));
                         continue;
                     }
                     match role {

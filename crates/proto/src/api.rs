@@ -395,6 +395,25 @@ pub struct Welcome {
     pub relay_map_pages: u32,
     /// The broker's ticket-signing keys.
     pub ticket_keys: Vec<PublicKeyInfo>,
+    /// The limits this channel is held to, so that the agent can pace and queue its own
+    /// messages under them instead of having them refused. Absent from brokers that predate
+    /// this field: the agent then does not pace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<ChannelLimits>,
+}
+
+/// The broker's limits on one agent channel (see [`Welcome::limits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelLimits {
+    /// Sustained messages per second the broker takes from the agent; more are refused with
+    /// [`ErrorCode::RateLimited`].
+    pub messages_per_sec: u32,
+    /// Messages the broker takes at once above the sustained rate.
+    pub message_burst: u32,
+    /// Connect requests that may wait for the other peer's answer at once; more are refused
+    /// with [`ErrorCode::TooManyPending`].
+    pub max_pending_connects: u32,
 }
 
 fn one_page() -> u32 {
@@ -723,6 +742,41 @@ pub fn decode_broker(text: &str, max_bytes: usize) -> Result<BrokerMessage, ApiE
     decode(text, max_bytes)
 }
 
+/// How far into a message [`request_id_of`] looks: a connect request fits in far less (ids
+/// are at most 64 bytes, `avoid` at most [`MAX_AVOID_RELAYS`] of them).
+pub const REQUEST_ID_SCAN_BYTES: usize = 2048;
+
+/// The `request_id` of a message the broker will not parse (e.g. one refused for the message
+/// rate), found without parsing the rest: the first `"request_id"` key within the first
+/// [`REQUEST_ID_SCAN_BYTES`] bytes, followed by `:` and an unsigned integer that fits in a
+/// `u64`. `None` when there is no such field in that window. Bounded work, never panics.
+pub fn request_id_of(text: &str) -> Option<u64> {
+    const KEY: &[u8] = b"\"request_id\"";
+    let bytes = &text.as_bytes()[..text.len().min(REQUEST_ID_SCAN_BYTES)];
+    let at = bytes.windows(KEY.len()).position(|w| w == KEY)?;
+    let mut rest = bytes[at + KEY.len()..].iter().copied().peekable();
+    let skip_space = |r: &mut std::iter::Peekable<_>| {
+        while r.next_if(|b: &u8| b.is_ascii_whitespace()).is_some() {}
+    };
+    skip_space(&mut rest);
+    rest.next_if_eq(&b':')?;
+    skip_space(&mut rest);
+    let mut value: Option<u64> = None;
+    while let Some(d) = rest.next_if(u8::is_ascii_digit) {
+        value = Some(
+            value
+                .unwrap_or(0)
+                .checked_mul(10)?
+                .checked_add(u64::from(d - b'0'))?,
+        );
+    }
+    // `1.5`, `1e3`: not an id.
+    match rest.peek() {
+        Some(b'.' | b'e' | b'E') => None,
+        _ => value,
+    }
+}
+
 /// Encodes any message as the JSON text of one WebSocket frame.
 pub fn encode<T: Serialize>(message: &T) -> String {
     // Serialising these types cannot fail: all map keys are strings and no custom serialisers
@@ -898,6 +952,77 @@ mod tests {
         });
         assert!(encode(&req).contains(r#""service":"ssh""#));
         assert_eq!(decode_agent(&encode(&req), MAX_MESSAGE_BYTES).unwrap(), req);
+    }
+
+    #[test]
+    fn request_ids_are_found_without_parsing_the_message() {
+        let connect = AgentMessage::Connect(ConnectRequest {
+            request_id: 42,
+            to: "b".into(),
+            transport: TransportKind::Tcp,
+            service: "ssh".into(),
+            avoid: vec!["r1".into(); MAX_AVOID_RELAYS],
+        });
+        assert_eq!(request_id_of(&encode(&connect)), Some(42));
+        assert_eq!(
+            request_id_of(r#"{"to":"b", "request_id" : 18446744073709551615}"#),
+            Some(u64::MAX)
+        );
+        for none in [
+            "",
+            r#"{"type":"report","paths":[]}"#,
+            r#"{"request_id":18446744073709551616}"#,
+            r#"{"request_id":-1}"#,
+            r#"{"request_id":1.5}"#,
+            r#"{"request_id":1e3}"#,
+            r#"{"request_id":"7"}"#,
+            r#"{"request_id""#,
+            r#"{"request_id":"#,
+        ] {
+            assert_eq!(request_id_of(none), None, "{none}");
+        }
+        let far = format!(
+            r#"{{"to":"{}","request_id":5}}"#,
+            "x".repeat(REQUEST_ID_SCAN_BYTES)
+        );
+        assert_eq!(
+            request_id_of(&far),
+            None,
+            "only the first bytes are looked at"
+        );
+        // Multi-byte characters across the window's end do not matter: bytes are scanned.
+        let wide = format!(
+            r#"{{"request_id":9,"to":"{}"}}"#,
+            "é".repeat(REQUEST_ID_SCAN_BYTES)
+        );
+        assert_eq!(request_id_of(&wide), Some(9));
+    }
+
+    #[test]
+    fn welcome_limits_are_optional_on_the_wire() {
+        let old = r#"{"type":"welcome","peer_id":"a","enrolled":false,"schedule":{"interval_ms":1,
+            "jitter_ms":0,"rtt_change_ratio":0.5,"on_reachability_change":true,
+            "on_relay_map_change":true},"relays":[],"ticket_keys":[]}"#;
+        match decode_broker(old, MAX_MESSAGE_BYTES).unwrap() {
+            BrokerMessage::Welcome(w) => assert_eq!(w.limits, None),
+            other => panic!("{other:?}"),
+        }
+        let new = old.replace(
+            r#""ticket_keys":[]"#,
+            r#""ticket_keys":[],"limits":{"messages_per_sec":100,"message_burst":200,
+                "max_pending_connects":16}"#,
+        );
+        match decode_broker(&new, MAX_MESSAGE_BYTES).unwrap() {
+            BrokerMessage::Welcome(w) => assert_eq!(
+                w.limits,
+                Some(ChannelLimits {
+                    messages_per_sec: 100,
+                    message_burst: 200,
+                    max_pending_connects: 16
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

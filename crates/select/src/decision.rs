@@ -54,6 +54,24 @@ impl Decision {
             .expect("the winner is always among the ranked candidates")
     }
 
+    /// The same decision with the path figures that come from the peers' reports (RTT and
+    /// loss composed from the legs, distances) shown as reported: the selector stores them as
+    /// `f32` (see `stored.rs`), and widening reads 5.3 back as 5.300000190734863. Each such
+    /// figure is rounded to `f32` and widened through its shortest decimal form instead, so
+    /// the figure has the precision it was stored with and no digits it never had. For
+    /// explanations; the ranking is unchanged (decisions use the stored values as they are).
+    #[must_use]
+    pub fn with_reported_figures(mut self) -> Self {
+        for c in &mut self.ranked {
+            if c.path.source == PathSource::Legs {
+                c.path.rtt_ms = f32_figure(c.path.rtt_ms);
+                c.path.loss = f32_figure(c.path.loss);
+            }
+            c.path.distance_km = c.path.distance_km.map(f32_figure);
+        }
+        self
+    }
+
     /// The rank (0 = best) of `relay` among the candidates, if it is one.
     pub fn rank_of(&self, relay: &str) -> Option<usize> {
         self.ranked.iter().position(|c| c.relay.as_str() == relay)
@@ -248,6 +266,16 @@ impl fmt::Display for Why {
             ),
         }
     }
+}
+
+/// `x` at `f32` precision, widened through the shortest decimal that reads back as the same
+/// `f32` (what `Display` prints). Values `f32` cannot hold are returned unchanged.
+fn f32_figure(x: f64) -> f64 {
+    let narrow = x as f32;
+    if !narrow.is_finite() {
+        return x;
+    }
+    narrow.to_string().parse().unwrap_or(x)
 }
 
 /// A relay that was not a candidate.
@@ -486,5 +514,23 @@ fn truncate(s: &str, max: usize) -> &str {
     match s.char_indices().nth(max) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::f32_figure;
+
+    #[test]
+    fn stored_figures_read_back_as_reported() {
+        let widened = |x: f64| f64::from(x as f32);
+        assert_ne!(widened(5.3), 5.3, "the artefact this undoes");
+        for x in [5.3, 0.05, 1234.5, 7.4, 0.0, 1e-9, 99_999.9] {
+            assert_eq!(f32_figure(widened(x)), x, "{x}");
+        }
+        // Two legs stored as f32, added in f64: shown at f32 precision.
+        assert_eq!(f32_figure(widened(5.3) + widened(2.1)), 7.4);
+        assert_eq!(f32_figure(1e300), 1e300);
+        assert!(f32_figure(f64::NAN).is_nan());
     }
 }
