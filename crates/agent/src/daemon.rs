@@ -35,12 +35,18 @@
 //!   packet, no reset) is noticed by the keepalives within `resume.dead_after_ms`; a relay that
 //!   does not answer a new dial within `resume.relay_connect_ms` is avoided like a refusing
 //!   one.
-//! * **Session end.** Each side sends `session_ended` with the bytes moved. The initiator adds
+//! * **Session end.** Each side sends `session_ended` once per session with the bytes moved. The initiator adds
 //!   the end-to-end RTT (the Noise KK handshake is exactly one round trip A → relay → B →
 //!   relay → A) and, for streams one relay carried from start to end, the goodput measured
 //!   while data flowed ([`crate::goodput`]; none when too little moved to measure). A session
-//!   replaced by a resume is reported ended without bytes; the last one carries the stream's
-//!   totals.
+//!   replaced by a resume is reported ended without bytes when its tunnel breaks; the last one
+//!   carries the stream's totals (after a failed resume, the last one is the broken one, and
+//!   its end went out when it broke).
+//! * **Broker limits.** The welcome states the channel's limits; every message to the broker
+//!   is paced under the message rate ([`Pacer`]), and connect requests beyond
+//!   `max_pending_connects` wait for a slot, so that a burst of local connects is queued rather
+//!   than refused. A request the broker refuses anyway (its error names the request) fails at
+//!   once with the broker's message.
 //! * **UDP services** (`udp:HOST:PORT` in `[services]`): the accepting side sends the stream's
 //!   datagram records to the service from a socket of its own ([`crate::datagram`]); the
 //!   opening side is `steelyard connect --udp`, one stream per client address.
@@ -101,6 +107,9 @@ pub fn watch_period(interval_ms: u64) -> Duration {
 pub const NEW_TUNNEL_RELAY_RETRIES: usize = 2;
 /// Messages queued towards the broker.
 const OUT_QUEUE: usize = 256;
+/// Share of the broker's sustained message rate the agent uses (the rest absorbs delays that
+/// bunch paced messages up on the way).
+const PACE_RATE_SHARE: f64 = 0.9;
 
 /// The daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +178,53 @@ impl Backoff {
     /// A session got through: start from `base` again.
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+}
+
+/// Paces the messages an agent sends under the broker's message rate ([`api::ChannelLimits`]
+/// from the welcome): a token bucket with [`PACE_RATE_SHARE`] of the broker's rate and half
+/// its burst, so that what the broker receives stays within its own bucket even when the way
+/// there delays some messages and bunches them up.
+#[derive(Debug, Clone)]
+pub struct Pacer {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Pacer {
+    /// A full bucket under `limits`, at `now`.
+    pub fn new(limits: &api::ChannelLimits, now: Instant) -> Self {
+        let burst = f64::from((limits.message_burst / 2).max(1));
+        Self {
+            tokens: burst,
+            rate: (f64::from(limits.messages_per_sec) * PACE_RATE_SHARE).max(0.1),
+            burst,
+            last: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+        self.last = self.last.max(now);
+    }
+
+    /// One message was sent at `now`.
+    pub fn take(&mut self, now: Instant) {
+        self.refill(now);
+        self.tokens -= 1.0;
+    }
+
+    /// When the next message may go: `None` for now.
+    pub fn ready_at(&mut self, now: Instant) -> Option<Instant> {
+        self.refill(now);
+        // At least a microsecond: a wait that rounds to nothing would not refill the bucket.
+        (self.tokens < 1.0).then(|| {
+            now + Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+                .max(Duration::from_micros(1))
+        })
     }
 }
 
@@ -386,6 +442,10 @@ struct Shared {
     noise: StaticKeypair,
     out: Mutex<Option<mpsc::Sender<AgentMessage>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<ConnectAnswer, ApiError>>>>,
+    /// Connect requests that may wait for the broker's answer at once: the broker's
+    /// `max_pending_connects` from the welcome (requests beyond it queue here instead of being
+    /// refused). Replaced on each welcome; closed when the channel drops.
+    connect_slots: Mutex<Arc<Semaphore>>,
     next_id: AtomicU64,
     tunnels: Arc<Semaphore>,
     measure: MeasureConfig,
@@ -449,6 +509,7 @@ impl Agent {
                 cfg,
                 out: Mutex::new(None),
                 pending: Mutex::new(HashMap::new()),
+                connect_slots: Mutex::new(Arc::new(Semaphore::new(MAX_PENDING_CONNECTS))),
                 next_id: AtomicU64::new(1),
                 tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
                 measure: MeasureConfig::default(),
@@ -489,6 +550,8 @@ async fn broker_loop(shared: Arc<Shared>) {
         let started = Instant::now();
         let result = broker_session(&shared).await;
         *lock(&shared.out) = None;
+        // Requests queued for a slot fail now rather than go to the next broker session.
+        lock(&shared.connect_slots).close();
         for (id, tx) in lock(&shared.pending).drain() {
             let _ = tx.send(Err(ApiError::new(
                 ErrorCode::Internal,
@@ -652,6 +715,14 @@ where
     );
     let schedule = welcome.schedule;
     let mut map = RelayMapPages::new(welcome.relays, welcome.relay_map_pages);
+    // Under the broker's limits: messages paced, connects queued for a slot. A broker that
+    // does not state them gets neither (as before).
+    let mut pacer = welcome.limits.map(|l| Pacer::new(&l, Instant::now()));
+    let mut paced_until: Option<tokio::time::Instant> = None;
+    let slots = welcome.limits.map_or(MAX_PENDING_CONNECTS, |l| {
+        (l.max_pending_connects.max(1) as usize).min(MAX_PENDING_CONNECTS)
+    });
+    *lock(&shared.connect_slots) = Arc::new(Semaphore::new(slots));
     let (tx, mut rx) = mpsc::channel::<AgentMessage>(OUT_QUEUE);
     *lock(&shared.out) = Some(tx.clone());
 
@@ -744,13 +815,26 @@ where
                         (p.relay.clone(), Reported { udp_rtt_ms: p.udp.then_some(p.rtt_ms) })
                     }).collect());
                     next_watch = tokio::time::Instant::now() + watch_every;
-                    send_ws(&mut ws, &AgentMessage::Report(report)).await?;
+                    // Paced like every other message; a queue full of them (hundreds of
+                    // session ends) skips this report: the next one is an interval away.
+                    if tx.try_send(AgentMessage::Report(report)).is_err() {
+                        tracing::warn!("the queue to the broker is full: report skipped");
+                    }
                 }
             }
-            out = rx.recv() => {
+            _ = async { tokio::time::sleep_until(paced_until.expect("guarded")).await },
+                if paced_until.is_some() => {
+                paced_until = None;
+            }
+            out = rx.recv(), if paced_until.is_none() => {
                 // `tx` lives in this scope, so the queue never ends here.
                 if let Some(m) = out {
                     send_ws(&mut ws, &m).await?;
+                    if let Some(p) = &mut pacer {
+                        let now = Instant::now();
+                        p.take(now);
+                        paced_until = p.ready_at(now).map(tokio::time::Instant::from_std);
+                    }
                 }
             }
             m = recv_broker(&mut ws) => match m? {
@@ -1242,6 +1326,20 @@ async fn ask_broker(
     req: &ControlRequest,
     avoid: &[String],
 ) -> Result<ConnectAnswer, String> {
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    // A slot first: the broker refuses connects beyond its `max_pending_connects`, so they
+    // wait here for an earlier one to be answered.
+    let slots = lock(&shared.connect_slots).clone();
+    let _slot = match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => return Err("the broker channel dropped; retry".to_owned()),
+        Err(_) => {
+            return Err(format!(
+                "earlier connect requests held every slot the broker allows \
+                 (max_pending_connects) for {CONNECT_TIMEOUT:?}; retry"
+            ))
+        }
+    };
     let tx = lock(&shared.out).clone().ok_or_else(|| {
         format!(
             "agent {} is not connected to the broker {} yet; check its log and retry",
@@ -1270,7 +1368,7 @@ async fn ask_broker(
         .await;
     let result = match sent {
         Err(_) => Err("the broker channel dropped; retry".to_owned()),
-        Ok(()) => match tokio::time::timeout(CONNECT_TIMEOUT, orx).await {
+        Ok(()) => match tokio::time::timeout_at(deadline, orx).await {
             Err(_) => Err(format!(
                 "no answer from the broker within {CONNECT_TIMEOUT:?}; retry"
             )),
@@ -1289,6 +1387,9 @@ struct Opened {
     relay_id: String,
     rtt: Duration,
     avoid: Vec<String>,
+    /// `session_id`'s end was reported already (its tunnel broke and no resume replaced it):
+    /// the broker takes one report per side and session.
+    ended: bool,
 }
 
 impl Opened {
@@ -1312,13 +1413,17 @@ async fn resume_opening(
     opened: Arc<Mutex<Opened>>,
     attempt: u32,
 ) -> Result<Tunnel<TcpStream>, TunnelError> {
-    let (old_session, old_relay) = {
-        let o = lock(&opened);
-        (o.session_id.clone(), o.relay_id.clone())
+    let (old_session, old_relay, reported) = {
+        let mut o = lock(&opened);
+        let relay = o.relay_id.clone();
+        o.avoid(&relay);
+        let reported = std::mem::replace(&mut o.ended, true);
+        (o.session_id.clone(), relay, reported)
     };
-    lock(&opened).avoid(&old_relay);
     shared.measure_now.notify_one();
-    report_end(&shared, old_session, None, None, None).await;
+    if !reported {
+        report_end(&shared, old_session, None, None, None).await;
+    }
     let timeout = shared.resume_timeout;
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(50);
@@ -1336,6 +1441,7 @@ async fn resume_opening(
                         o.session_id = answer.session_id;
                         o.relay_id = answer.relay_id;
                         o.rtt = rtt;
+                        o.ended = false;
                         return Ok(tunnel);
                     }
                     Err((e, refused)) => {
@@ -1431,6 +1537,7 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         relay_id: answer.relay_id,
         rtt,
         avoid: Vec::new(),
+        ended: false,
     }));
     let result = tunnel_resume::resumable_bridge(
         conn,
@@ -1439,9 +1546,9 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         &shared.resume,
     )
     .await;
-    let (session, rtt) = {
+    let (session, rtt, reported) = {
         let o = lock(&opened);
-        (o.session_id.clone(), o.rtt)
+        (o.session_id.clone(), o.rtt, o.ended)
     };
     let (bytes, goodput) = match result {
         Ok(s) => {
@@ -1463,7 +1570,10 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
             (None, None)
         }
     };
-    report_end(&shared, session, bytes, Some(rtt), goodput).await;
+    // After a failed resume the session's end went out when its tunnel broke.
+    if !reported {
+        report_end(&shared, session, bytes, Some(rtt), goodput).await;
+    }
     drop(permit);
 }
 
@@ -1491,6 +1601,64 @@ mod tests {
             region: String::new(),
             location: None,
         }
+    }
+
+    /// The broker's bucket (`server.rs`): full at the start, refilled at the rate.
+    struct BrokerBucket {
+        tokens: f64,
+        rate: f64,
+        burst: f64,
+        last: Instant,
+    }
+
+    impl BrokerBucket {
+        fn take(&mut self, now: Instant) -> bool {
+            let dt = now.saturating_duration_since(self.last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.burst);
+            self.last = now;
+            if self.tokens >= 1.0 {
+                self.tokens -= 1.0;
+                true
+            } else {
+                false
+            }
+        }
+    }
+
+    #[test]
+    fn paced_messages_stay_within_the_brokers_bucket() {
+        let limits = api::ChannelLimits {
+            messages_per_sec: 100,
+            message_burst: 200,
+            max_pending_connects: 16,
+        };
+        let t0 = Instant::now();
+        let mut pacer = Pacer::new(&limits, t0);
+        let mut broker = BrokerBucket {
+            tokens: 200.0,
+            rate: 100.0,
+            burst: 200.0,
+            last: t0,
+        };
+        // Send as fast as the pacer allows for 10 s; each message arrives after a delay that
+        // varies between 0 and 300 ms (so some bunch up).
+        let (mut now, mut sent, mut arrivals) = (t0, 0u32, Vec::new());
+        while now < t0 + Duration::from_secs(10) {
+            if let Some(at) = pacer.ready_at(now) {
+                assert!(at > now);
+                now = at;
+                continue;
+            }
+            pacer.take(now);
+            let delay = if sent % 50 < 25 { 300 } else { 0 };
+            arrivals.push(now + Duration::from_millis(delay));
+            sent += 1;
+        }
+        arrivals.sort();
+        let dropped = arrivals.iter().filter(|&&t| !broker.take(t)).count();
+        assert_eq!(dropped, 0, "the broker refused paced messages");
+        // And the pacing is not needlessly slow: half the burst, then 90 % of the rate.
+        assert!((900..=1000).contains(&sent), "{sent} messages in 10 s");
     }
 
     #[test]

@@ -8,6 +8,13 @@
 //! * `broker_restart_under_a_live_tunnel`: the broker is killed and restarted on the same data
 //!   directory and port; the live tunnel keeps flowing while the broker is gone (the data path
 //!   never waits on it), and the agents reconnect by themselves so new tunnels open again.
+//! * `a_burst_of_connects_is_paced_under_the_brokers_limits`: 40 tunnels opened at once through
+//!   one agent against a broker that takes 2 pending connects and 20 messages/s per agent;
+//!   every one opens and echoes (the agents pace their messages and queue connects under the
+//!   limits the welcome states, instead of having them refused).
+//! * `a_failed_resume_reports_the_session_end_once`: both relays killed under a live tunnel, so
+//!   the resume fails; the local connection is dropped, and each side reports the session's end
+//!   once (the broker answered a second report with `bad_message: already reported`).
 
 mod broker_support;
 
@@ -119,8 +126,14 @@ struct System {
 
 impl System {
     async fn start(name: &str) -> Self {
+        Self::start_with(name, "", "").await
+    }
+
+    /// [`System::start`] with `broker_extra` appended to the broker's config and `agent_extra`
+    /// to both agents'.
+    async fn start_with(name: &str, broker_extra: &str, agent_extra: &str) -> Self {
         let dir = temp_dir(name);
-        let config = broker_config(&dir, free_port());
+        let config = broker_config(&dir, free_port()) + broker_extra;
         let broker = BrokerProcess::start(&dir, &config);
         let (status, keys) = http_json(broker.addr, "GET", "/v1/keys", None, None).await;
         assert_eq!(status, 200, "{keys}");
@@ -135,12 +148,14 @@ impl System {
             })
             .collect();
         let echo = echo_service().await;
-        let (a, alice) = start_agent(&dir, broker.addr, "alice", "");
+        let (a, alice) = start_agent(&dir, broker.addr, "alice", agent_extra);
         let (b, _) = start_agent(
             &dir,
             broker.addr,
             "bob",
-            &format!("[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"),
+            &format!(
+                "{agent_extra}\n[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"
+            ),
         );
         let sys = System {
             addr: broker.addr,
@@ -340,5 +355,126 @@ async fn broker_restart_under_a_live_tunnel() {
     eprintln!(
         "agent_broker_restart: the live tunnel moved 1 MiB while the broker was down; a new \
          tunnel via {via} opened {back:?} after the broker was killed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_resume_reports_the_session_end_once() {
+    let mut sys =
+        System::start_with("agent-resume-fails", "", "[resume]\ntimeout_ms = 2000\n").await;
+    let (mut live, _) = sys.open(Duration::from_secs(30)).await;
+    assert_eq!(echo_all(&mut live, b"hello").await, b"hello");
+    let session = {
+        let (_, s) = http_json(sys.addr, "GET", "/v1/admin/sessions", Some(ADMIN), None).await;
+        s["live"][0]["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no live session: {s}"))
+            .to_owned()
+    };
+    let bad = "steelyard_broker_errors_total{code=\"bad_message\"}";
+    let before = metric(sys.addr, bad).await;
+
+    // No relay left: the resume cannot succeed, and the tunnel's local end is dropped.
+    for (_, mut proc) in sys.relays.drain(..) {
+        proc.0.kill().unwrap();
+        proc.0.wait().unwrap();
+    }
+    let mut buf = [0u8; 64];
+    let ended = tokio::time::timeout(Duration::from_secs(30), live.read(&mut buf))
+        .await
+        .expect("the local connection was dropped within 30 s of losing every relay");
+    assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+
+    // Both sides report the end; the broker has the session ended, and no report was refused
+    // (before the fix, alice's second report of the broken session was answered
+    // `bad_message` at once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = http_json(
+            sys.addr,
+            "GET",
+            "/v1/admin/sessions?limit=100",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+        let done = s["history"].as_array().is_some_and(|h| {
+            h.iter()
+                .any(|r| r["id"] == session.as_str() && r["state"] == "ended")
+        });
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "session {session} never ended: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        metric(sys.addr, bad).await,
+        before,
+        "a side reported the session's end more than once"
+    );
+}
+
+/// The value of the sample `name` (exact, labels included) in `/metrics`.
+async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connects_is_paced_under_the_brokers_limits() {
+    const TUNNELS: u32 = 40;
+    let sys = System::start_with(
+        "agent-paced",
+        "\n[limits]\nmax_pending_connects = 2\nmessages_per_sec = 20\nmessage_burst = 20\n",
+        "",
+    )
+    .await;
+    let limited = "steelyard_broker_errors_total{code=\"rate_limited\"}";
+    let pending = "steelyard_broker_errors_total{code=\"too_many_pending\"}";
+    let started = Instant::now();
+    let tunnels: Vec<_> = (0..TUNNELS)
+        .map(|i| {
+            let alice = sys.alice;
+            tokio::spawn(async move {
+                let (mut s, _) = open_via_agent(alice, "bob", "echo")
+                    .await
+                    .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+                let data = payload(1024, i);
+                assert_eq!(
+                    fnv(&echo_all(&mut s, &data).await),
+                    fnv(&data),
+                    "tunnel {i}"
+                );
+            })
+        })
+        .collect();
+    for t in tunnels {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("every tunnel within 60 s")
+            .unwrap();
+    }
+    eprintln!(
+        "agent_paced: {TUNNELS} tunnels opened at once under 2 pending connects and 20 \
+         messages/s: all echoed after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        metric(sys.addr, limited).await,
+        0.0,
+        "messages were refused for the rate"
+    );
+    assert_eq!(
+        metric(sys.addr, pending).await,
+        0.0,
+        "connects were refused as too many"
     );
 }
