@@ -1040,7 +1040,8 @@ async fn report_end(
 ) {
     let (sent, received) = bytes.unwrap_or_default();
     let end_to_end = rtt.map(|rtt| EndToEndReport {
-        rtt_ms: rtt.as_secs_f64() * 1000.0,
+        // Whole microseconds: nanoseconds in f64 milliseconds read back as 5.095007000000001.
+        rtt_ms: rtt.as_micros() as f64 / 1000.0,
         loss: 0.0,
         bandwidth_kbps: goodput_kbps,
         age_ms: 0,

@@ -362,6 +362,12 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
                             && r["relay"] == "r1"
                             && r["end_to_end_rtt_ms"].as_f64().is_some()
                     })
+                    .inspect(|r| {
+                        // Reported in whole microseconds, and shown so.
+                        let rtt = r["end_to_end_rtt_ms"].to_string();
+                        let decimals = rtt.split_once('.').map_or(0, |(_, d)| d.len());
+                        assert!(decimals <= 3, "end-to-end RTT {rtt} ms in {r}");
+                    })
                     .count()
             })
             .unwrap_or(0);
