@@ -1328,8 +1328,15 @@ async fn ask_broker(
     avoid: &[String],
 ) -> Result<ConnectAnswer, String> {
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-    // A slot first: the broker refuses connects beyond its `max_pending_connects`, so they
-    // wait here for an earlier one to be answered.
+    // The channel's queue and its connect slots are set together, queue last (see `channel`).
+    let tx = lock(&shared.out).clone().ok_or_else(|| {
+        format!(
+            "agent {} is not connected to the broker {} yet; check its log and retry",
+            shared.cfg.peer_id, shared.cfg.broker
+        )
+    })?;
+    // A slot: the broker refuses connects beyond its `max_pending_connects`, so they wait here
+    // for an earlier one to be answered. The slots close when the channel drops.
     let slots = lock(&shared.connect_slots).clone();
     let _slot = match tokio::time::timeout_at(deadline, slots.acquire_owned()).await {
         Ok(Ok(permit)) => permit,
@@ -1341,12 +1348,6 @@ async fn ask_broker(
             ))
         }
     };
-    let tx = lock(&shared.out).clone().ok_or_else(|| {
-        format!(
-            "agent {} is not connected to the broker {} yet; check its log and retry",
-            shared.cfg.peer_id, shared.cfg.broker
-        )
-    })?;
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (otx, orx) = oneshot::channel();
     {
