@@ -18,7 +18,8 @@
 //!   opening side's handshake payload ([`Attach`]) says whether the tunnel starts a new stream
 //!   (the agent connects the local service, answering the refusal in the handshake if it
 //!   cannot) or resumes a live one (the tunnel is handed to that stream's bridge). A refused
-//!   offer is answered with the reason.
+//!   offer is answered with the reason. An offer the broker withdraws (`offer_withdrawn`: the
+//!   initiator left or the offer timed out) stops its relay dial at once.
 //! * **Control endpoint** (loopback TCP, [`AgentConfig::control`]). A client (`steelyard
 //!   connect`, or [`open_via_agent`]) sends one JSON line [`ControlRequest`]; the agent asks the
 //!   broker, dials the relay, runs the tunnel as initiator and answers one JSON line
@@ -453,6 +454,10 @@ struct Shared {
     measure_now: tokio::sync::Notify,
     /// Live accepted streams, for tunnels that resume them.
     streams: Mutex<HashMap<StreamKey, mpsc::Sender<Resumed>>>,
+    /// Offers being handled (decided, replied to, their relay dialled), by session id: the
+    /// broker's `offer_withdrawn` wakes the one it names to stop waiting at the relay for an
+    /// initiator that will not come. At most [`MAX_TUNNELS`] entries.
+    offers: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     resume: ResumeConfig,
     resume_timeout: Duration,
 }
@@ -515,6 +520,7 @@ impl Agent {
                 measure: MeasureConfig::default(),
                 measure_now: tokio::sync::Notify::new(),
                 streams: Mutex::new(HashMap::new()),
+                offers: Mutex::new(HashMap::new()),
                 resume,
                 resume_timeout,
             }),
@@ -854,10 +860,25 @@ where
                     }
                 }
                 BrokerMessage::Offer(o) => {
+                    // Registered here, before the next broker message is read, so that a
+                    // withdrawal right behind the offer finds it.
+                    let withdrawn = Arc::new(tokio::sync::Notify::new());
+                    {
+                        let mut offers = lock(&shared.offers);
+                        if offers.len() < MAX_TUNNELS {
+                            offers.insert(o.session_id.clone(), withdrawn.clone());
+                        }
+                    }
                     let (shared, tx) = (shared.clone(), tx.clone());
-                    tokio::spawn(async move { handle_offer(shared, o, tx).await });
+                    tokio::spawn(async move { handle_offer(shared, o, tx, withdrawn).await });
                 }
-                BrokerMessage::OfferWithdrawn(w) => tracing::info!(session = %w.session_id, reason = ?w.reason, "the broker withdrew an offer; its initiator will not come"),
+                BrokerMessage::OfferWithdrawn(w) => {
+                    tracing::info!(session = %w.session_id, reason = ?w.reason,
+                        "the broker withdrew an offer; its initiator will not come");
+                    if let Some(n) = lock(&shared.offers).remove(&w.session_id) {
+                        n.notify_one();
+                    }
+                }
                 BrokerMessage::Error(e) => match e.request_id.and_then(|id| lock(&shared.pending).remove(&id)) {
                     Some(w) => { let _ = w.send(Err(e)); }
                     None if e.code == ErrorCode::Replaced => return Err(SessionError::Refused(e)),
@@ -1145,7 +1166,22 @@ async fn accept_attach(
     }
 }
 
-async fn handle_offer(shared: Arc<Shared>, offer: Offer, tx: mpsc::Sender<AgentMessage>) {
+/// Removes an offer from [`Shared::offers`] when its dial is over, however it ends.
+struct OfferEntry(Arc<Shared>, String);
+
+impl Drop for OfferEntry {
+    fn drop(&mut self) {
+        lock(&self.0.offers).remove(&self.1);
+    }
+}
+
+async fn handle_offer(
+    shared: Arc<Shared>,
+    offer: Offer,
+    tx: mpsc::Sender<AgentMessage>,
+    withdrawn: Arc<tokio::sync::Notify>,
+) {
+    let entry = OfferEntry(shared.clone(), offer.session_id.clone());
     let permit = shared.tunnels.clone().try_acquire_owned();
     let decision = match &permit {
         Ok(_) => decide_offer(&shared.cfg, &offer.from, &offer.service, offer.transport),
@@ -1172,38 +1208,53 @@ async fn handle_offer(shared: Arc<Shared>, offer: Offer, tx: mpsc::Sender<AgentM
         }
     };
     let mut accepted = None;
-    let opened = open_tunnel(
-        &shared,
-        Role::Responder,
-        Dial {
-            relay: offer.relay_tcp_addr.as_deref(),
-            ticket_hex: &offer.ticket,
-            peer_key: &offer.peer_key,
-            session_id: &offer.session_id,
-        },
-        &[],
-        |theirs| {
-            let (shared, accepted, offer) = (&shared, &mut accepted, &offer);
-            async move {
-                let a = accept_attach(shared, &offer.from, &offer.service, local, &theirs).await;
-                let reply = match &a {
-                    Ok(_) => AttachReply::Accepted,
-                    Err(why) => AttachReply::Refused(why.clone()),
-                };
-                *accepted = Some(a);
-                reply.encode()
-            }
-        },
-    )
-    .await;
+    let mut was_withdrawn = false;
+    let opened = tokio::select! {
+        opened = open_tunnel(
+            &shared,
+            Role::Responder,
+            Dial {
+                relay: offer.relay_tcp_addr.as_deref(),
+                ticket_hex: &offer.ticket,
+                peer_key: &offer.peer_key,
+                session_id: &offer.session_id,
+            },
+            &[],
+            |theirs| {
+                let (shared, accepted, offer) = (&shared, &mut accepted, &offer);
+                async move {
+                    let a =
+                        accept_attach(shared, &offer.from, &offer.service, local, &theirs).await;
+                    let reply = match &a {
+                        Ok(_) => AttachReply::Accepted,
+                        Err(why) => AttachReply::Refused(why.clone()),
+                    };
+                    *accepted = Some(a);
+                    reply.encode()
+                }
+            },
+        ) => opened,
+        // Cancelling the dial is safe at any point: what the handshake set up is undone below.
+        () = withdrawn.notified() => {
+            was_withdrawn = true;
+            Err("the broker withdrew the offer before it stood (the initiator left or it timed \
+                 out)".to_owned())
+        }
+    };
+    drop(entry);
     let tunnel = match opened {
         Ok((t, _, _)) => t,
         Err(e) => {
             if let Some(Ok(Accepted::New(_, id, _))) = accepted {
                 lock(&shared.streams).remove(&(offer.from.clone(), id));
             }
-            tracing::warn!(session = %offer.session_id, from = %offer.from, "offer failed: {e}");
-            report_end(&shared, offer.session_id, None, None, None).await;
+            if was_withdrawn {
+                // The broker ended the session itself; there is nothing to report.
+                tracing::info!(session = %offer.session_id, from = %offer.from, "{e}");
+            } else {
+                tracing::warn!(session = %offer.session_id, from = %offer.from, "offer failed: {e}");
+                report_end(&shared, offer.session_id, None, None, None).await;
+            }
             return;
         }
     };

@@ -12,6 +12,10 @@
 //!   one agent against a broker that takes 2 pending connects and 20 messages/s per agent;
 //!   every one opens and echoes (the agents pace their messages and queue connects under the
 //!   limits the welcome states, instead of having them refused).
+//! * `a_withdrawn_offer_stops_the_acceptors_relay_dial`: carol (a WebSocket client of the
+//!   test) asks for bob's echo and leaves at once; when the broker withdraws the offer before
+//!   bob's reply is in, bob stops waiting at the relay for her (it used to wait there for the
+//!   relay's 15 s pairing timeout, holding a tunnel slot and a relay's pending side).
 //! * `a_failed_resume_reports_the_session_end_once`: both relays killed under a live tunnel, so
 //!   the resume fails; the local connection is dropped, and each side reports the session's end
 //!   once (the broker answered a second report with `bad_message: already reported`).
@@ -51,15 +55,16 @@ fn broker_config(dir: &Path, port: u16) -> String {
     )
 }
 
-/// Starts relay `id` linked to the broker; returns it.
-fn start_relay(dir: &Path, id: &str, broker: SocketAddr, ticket_key: &str) -> Proc {
+/// Starts relay `id` linked to the broker; returns it and its `/metrics` address.
+fn start_relay(dir: &Path, id: &str, broker: SocketAddr, ticket_key: &str) -> (Proc, SocketAddr) {
     let probe = free_udp_port();
+    let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let path = dir.join(format!("{id}.toml"));
     std::fs::write(
         &path,
         format!(
             "relay_id = \"{id}\"\nbroker_keys = [\"{ticket_key}\"]\n\n[listen]\n\
-             tcp = \"127.0.0.1:0\"\nprobe = \"127.0.0.1:{probe}\"\n\n[broker]\n\
+             tcp = \"127.0.0.1:0\"\nprobe = \"127.0.0.1:{probe}\"\nhttp = \"{http}\"\n\n[broker]\n\
              url = \"ws://{broker}/v1/relay\"\nidentity_key_file = \"{}\"\n\
              enroll_token = \"{RELAY_TOKEN}\"\nadvertise_udp = \"127.0.0.1:{probe}\"\n",
             dir.join(format!("{id}.key")).display()
@@ -68,7 +73,7 @@ fn start_relay(dir: &Path, id: &str, broker: SocketAddr, ticket_key: &str) -> Pr
     .unwrap();
     let (proc, line) = start(&["relay", "--config", path.to_str().unwrap()]);
     assert!(line.starts_with("relay listening"), "{line}");
-    proc
+    (proc, http)
 }
 
 /// Starts agent `peer`; returns it and its control address.
@@ -119,6 +124,8 @@ struct System {
     addr: SocketAddr,
     dir: std::path::PathBuf,
     relays: Vec<(String, Proc)>,
+    /// Each relay's `/metrics` address.
+    relay_http: Vec<(String, SocketAddr)>,
     _agents: Vec<Proc>,
     alice: SocketAddr,
     config: String,
@@ -138,15 +145,13 @@ impl System {
         let (status, keys) = http_json(broker.addr, "GET", "/v1/keys", None, None).await;
         assert_eq!(status, 200, "{keys}");
         let ticket_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
-        let relays = ["r1", "r2"]
-            .iter()
-            .map(|id| {
-                (
-                    id.to_string(),
-                    start_relay(&dir, id, broker.addr, &ticket_key),
-                )
-            })
-            .collect();
+        let mut relays = Vec::new();
+        let mut relay_http = Vec::new();
+        for id in ["r1", "r2"] {
+            let (proc, http) = start_relay(&dir, id, broker.addr, &ticket_key);
+            relays.push((id.to_owned(), proc));
+            relay_http.push((id.to_owned(), http));
+        }
         let echo = echo_service().await;
         let (a, alice) = start_agent(&dir, broker.addr, "alice", agent_extra);
         let (b, _) = start_agent(
@@ -154,7 +159,7 @@ impl System {
             broker.addr,
             "bob",
             &format!(
-                "{agent_extra}\n[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"
+                "{agent_extra}\n[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\", \"carol\"]\n"
             ),
         );
         let sys = System {
@@ -162,6 +167,7 @@ impl System {
             dir: dir.clone(),
             broker: Some(broker),
             relays,
+            relay_http,
             _agents: vec![a, b],
             alice,
             config,
@@ -477,4 +483,137 @@ async fn a_burst_of_connects_is_paced_under_the_brokers_limits() {
         0.0,
         "connects were refused as too many"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
+    use steelyard_proto::api::{
+        AgentMessage, AgentReport, BrokerMessage, ConnectRequest, PathReport, TransportKind,
+    };
+    let sys = System::start("agent-withdrawn").await;
+    let relay_metrics = |relay: &str| {
+        sys.relay_http
+            .iter()
+            .find(|(id, _)| id == relay)
+            .map(|(_, a)| *a)
+            .unwrap()
+    };
+    let waiting = "steelyard_relay_status_total{transport=\"tcp\",code=\"waiting\"}";
+    let pending = "steelyard_relay_pending_sessions";
+    let carol_key = key(9);
+    for attempt in 1..=10u64 {
+        let (mut carol, v) = agent(sys.addr, "carol", &carol_key, Some(AGENT_TOKEN), false).await;
+        v.unwrap();
+        let paths = ["r1", "r2"]
+            .iter()
+            .map(|r| PathReport {
+                relay: (*r).into(),
+                rtt_ms: 1.0,
+                hops: 1,
+                loss: 0.0,
+                bandwidth_kbps: None,
+                tcp: true,
+                udp: true,
+                age_ms: 0,
+            })
+            .collect();
+        send_json(
+            &mut carol,
+            &AgentMessage::Report(AgentReport {
+                location: None,
+                paths,
+            }),
+        )
+        .await;
+        recv_where(&mut carol, |m| {
+            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
+        })
+        .await;
+        let before: Vec<f64> =
+            futures_util::future::join_all(["r1", "r2"].map(|r| metric(relay_metrics(r), waiting)))
+                .await;
+        // Ask and leave at once: the broker withdraws the offer unless bob's reply beat it.
+        send_json(
+            &mut carol,
+            &AgentMessage::Connect(ConnectRequest {
+                request_id: attempt,
+                to: "bob".into(),
+                transport: TransportKind::Tcp,
+                service: "echo".into(),
+                avoid: Vec::new(),
+            }),
+        )
+        .await;
+        drop(carol);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // This attempt's session: carol's newest (history is newest first), once it settled.
+        let session = loop {
+            let (_, s) = http_json(
+                sys.addr,
+                "GET",
+                "/v1/admin/sessions?limit=100",
+                Some(ADMIN),
+                None,
+            )
+            .await;
+            let carols: Vec<_> = s["history"]
+                .as_array()
+                .map(|h| h.iter().filter(|r| r["from"] == "carol").cloned().collect())
+                .unwrap_or_default();
+            if carols.len() as u64 == attempt && carols[0]["state"] != "offered" {
+                break carols[0].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "carol's session never settled: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let relay = session["relay"].as_str().unwrap().to_owned();
+        let http = relay_metrics(&relay);
+        if session["state"] != "refused" {
+            // Bob's reply won the race; bob now waits at the relay for carol until the relay's
+            // pairing timeout. Let that pass, and try again.
+            eprintln!("agent_withdrawn: attempt {attempt}: bob answered first ({session})");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while metric(http, pending).await > 0.0 {
+                assert!(Instant::now() < deadline, "bob never gave up on carol");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            continue;
+        }
+        // Withdrawn. Bob either never dialled, or dialled and must stop: give him 3 s to
+        // arrive at the relay (he dials within milliseconds of accepting), then his pending
+        // side must be gone well before the relay's 15 s pairing timeout could explain it.
+        let i = if relay == "r1" { 0 } else { 1 };
+        let arrive_by = Instant::now() + Duration::from_secs(3);
+        let mut dialled = false;
+        while Instant::now() < arrive_by {
+            if metric(http, waiting).await > before[i] {
+                dialled = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while metric(http, pending).await > 0.0 {
+            assert!(
+                Instant::now() < deadline,
+                "bob still waits at relay {relay} for the withdrawn offer {}",
+                session["id"]
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!(
+            "agent_withdrawn: attempt {attempt}: offer withdrawn; bob {} and holds no pending \
+             side at {relay}",
+            if dialled {
+                "had dialled, stopped"
+            } else {
+                "never dialled"
+            }
+        );
+        return;
+    }
+    panic!("bob's reply beat carol's departure ten times: the withdrawal was never exercised");
 }
