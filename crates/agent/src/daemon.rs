@@ -36,11 +36,11 @@
 //!   packet, no reset) is noticed by the keepalives within `resume.dead_after_ms`; a relay that
 //!   does not answer a new dial within `resume.relay_connect_ms` is avoided like a refusing
 //!   one.
-//! * **Session end.** Each side sends `session_ended` once per session with the bytes moved. The initiator adds
-//!   the end-to-end RTT (the Noise KK handshake is exactly one round trip A → relay → B →
-//!   relay → A) and, for streams one relay carried from start to end, the goodput measured
-//!   while data flowed ([`crate::goodput`]; none when too little moved to measure). A session
-//!   replaced by a resume is reported ended without bytes when its tunnel breaks; the last one
+//! * **Session end.** Each side sends `session_ended` once per session with the bytes moved.
+//!   The initiator adds the end-to-end RTT (the Noise KK handshake is exactly one round trip
+//!   A → relay → B → relay → A, in whole microseconds) and, for streams one relay carried
+//!   from start to end, the goodput measured while data flowed ([`crate::goodput`]; none when
+//!   too little moved to measure). A session replaced by a resume is reported ended without bytes when its tunnel breaks; the last one
 //!   carries the stream's totals (after a failed resume, the last one is the broken one, and
 //!   its end went out when it broke).
 //! * **Broker limits.** The welcome states the channel's limits; every message to the broker
