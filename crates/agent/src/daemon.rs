@@ -40,9 +40,9 @@
 //!   The initiator adds the end-to-end RTT (the Noise KK handshake is exactly one round trip
 //!   A → relay → B → relay → A, in whole microseconds) and, for streams one relay carried
 //!   from start to end, the goodput measured while data flowed ([`crate::goodput`]; none when
-//!   too little moved to measure). A session replaced by a resume is reported ended without bytes when its tunnel breaks; the last one
-//!   carries the stream's totals (after a failed resume, the last one is the broken one, and
-//!   its end went out when it broke).
+//!   too little moved to measure). A session replaced by a resume is reported ended without
+//!   bytes when its tunnel breaks; the last one carries the stream's totals (after a failed
+//!   resume, the last one is the broken one, and its end went out when it broke).
 //! * **Broker limits.** The welcome states the channel's limits; every message to the broker
 //!   is paced under the message rate ([`Pacer`]), and connect requests beyond
 //!   `max_pending_connects` wait for a slot, so that a burst of local connects is queued rather
