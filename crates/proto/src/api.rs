@@ -3,7 +3,14 @@
 //!
 //! One WebSocket text frame carries one JSON object whose `type` field names the message
 //! (`snake_case`). Agents send [`AgentMessage`], relays send [`RelayMessage`], the broker sends
-//! [`BrokerMessage`] to both. Unknown fields and unknown types are errors, never ignored.
+//! [`BrokerMessage`] to both.
+//!
+//! Compatibility: what the broker receives is strict — an unknown field or type in an
+//! [`AgentMessage`] or [`RelayMessage`] is an error, never ignored. What the broker sends is
+//! open to additions: agents and relays ignore fields of a [`BrokerMessage`] they do not know,
+//! so a newer broker can add optional information (as [`Welcome::limits`] was added) without
+//! breaking older clients. Anything a client must understand comes with a new [`API_VERSION`].
+//! Unknown message types are errors in both directions.
 //!
 //! # Authentication, the same for agents and relays
 //!
@@ -371,7 +378,6 @@ pub enum BrokerMessage {
 
 /// The challenge to sign.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Challenge {
     /// [`NONCE_LEN`] random bytes, hex.
     pub nonce: String,
@@ -379,7 +385,6 @@ pub struct Challenge {
 
 /// An authenticated agent's instructions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Welcome {
     /// The peer's id.
     pub peer_id: String,
@@ -404,7 +409,6 @@ pub struct Welcome {
 
 /// The broker's limits on one agent channel (see [`Welcome::limits`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChannelLimits {
     /// Sustained messages per second the broker takes from the agent; more are refused with
     /// [`ErrorCode::RateLimited`].
@@ -422,7 +426,6 @@ fn one_page() -> u32 {
 
 /// When an agent reports.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Schedule {
     /// Report every this many milliseconds...
     pub interval_ms: u64,
@@ -438,7 +441,6 @@ pub struct Schedule {
 
 /// A relay the agents should probe.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RelayMapEntry {
     /// The relay's id.
     pub id: String,
@@ -458,7 +460,6 @@ pub struct RelayMapEntry {
 
 /// The relay map, pushed when it changes.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RelayMap {
     /// The relays of this page.
     pub relays: Vec<RelayMapEntry>,
@@ -473,7 +474,6 @@ pub struct RelayMap {
 
 /// A broker ticket-signing key.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PublicKeyInfo {
     /// The key id tickets carry (16 hex digits).
     pub key_id: String,
@@ -485,7 +485,6 @@ pub struct PublicKeyInfo {
 
 /// An authenticated relay's instructions.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RelayWelcome {
     /// The relay's id.
     pub relay_id: String,
@@ -499,7 +498,6 @@ pub struct RelayWelcome {
 
 /// A report was accepted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReportAccepted {
     /// Paths recorded.
     pub paths: u32,
@@ -507,7 +505,6 @@ pub struct ReportAccepted {
 
 /// The broker wants a fresh report.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ReportNow {
     /// Why, e.g. `stale` or `connect`.
     pub reason: String,
@@ -515,7 +512,6 @@ pub struct ReportNow {
 
 /// The relay and ticket for a connect request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ConnectAnswer {
     /// The request's id.
     pub request_id: u64,
@@ -546,7 +542,6 @@ pub struct ConnectAnswer {
 
 /// Another peer asks for a session; the ticket is for this side (B).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Offer {
     /// The session (32 hex digits).
     pub session_id: String,
@@ -579,7 +574,6 @@ pub struct Offer {
 
 /// The broker withdrew an [`Offer`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct OfferWithdrawn {
     /// The offer's session id.
     pub session_id: String,
@@ -680,7 +674,6 @@ impl fmt::Display for ErrorCode {
 
 /// An error message: a stable code, a human explanation, and the request it answers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-#[serde(deny_unknown_fields)]
 #[error("{code}: {message}")]
 pub struct ApiError {
     /// What went wrong.
@@ -1023,6 +1016,39 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn clients_ignore_fields_a_newer_broker_adds_but_the_broker_refuses_unknown_fields() {
+        // A newer broker's welcome, schedule, relay entry and error with fields this version
+        // does not know: an agent still understands them.
+        let newer = r#"{"type":"welcome","peer_id":"a","enrolled":false,"from_the_future":1,
+            "schedule":{"interval_ms":1,"jitter_ms":0,"rtt_change_ratio":0.5,
+            "on_reachability_change":true,"on_relay_map_change":true,"new_trigger":true},
+            "relays":[{"id":"r1","udp_addr":"127.0.0.1:1","tcp_addr":"127.0.0.1:2","probe":"x",
+            "region":"x","location":null,"weight":2}],"ticket_keys":[]}"#;
+        match decode_broker(newer, MAX_MESSAGE_BYTES) {
+            Ok(BrokerMessage::Welcome(w)) => assert_eq!(w.peer_id, "a"),
+            other => panic!("a newer broker's welcome must decode: {other:?}"),
+        }
+        let error = r#"{"type":"error","code":"peer_offline","message":"m","hint":"h"}"#;
+        assert!(matches!(
+            decode_broker(error, MAX_MESSAGE_BYTES),
+            Ok(BrokerMessage::Error(_))
+        ));
+        // Unknown message types stay errors, and the broker stays strict about what it takes.
+        let unknown_type = r#"{"type":"teleport","peer_id":"a"}"#;
+        assert_eq!(
+            decode_broker(unknown_type, MAX_MESSAGE_BYTES)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadMessage
+        );
+        let hello = r#"{"type":"hello","version":1,"peer_id":"a","public_key":"00",
+            "auto_accept":true,"extra":1}"#;
+        let err = decode_agent(hello, MAX_MESSAGE_BYTES).unwrap_err();
+        assert_eq!(err.code, ErrorCode::BadMessage);
+        assert!(err.message.contains("extra"), "{}", err.message);
     }
 
     #[test]
