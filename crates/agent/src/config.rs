@@ -7,6 +7,7 @@
 //! peer_id = "laptop"
 //! key_file = "/var/lib/steelyard/agent.key"  # created (0600) on first start
 //! control = "127.0.0.1:7450"                 # where `steelyard connect` reaches this agent
+//! allow_remote_forwards = false              # forwards may listen beyond loopback (default no)
 //!
 //! [location]                                 # optional
 //! lat = 48.1
@@ -16,6 +17,11 @@
 //! [services]                                 # what peers may reach through this agent
 //! http = "127.0.0.1:8080"
 //! dns = "udp:127.0.0.1:53"                   # a UDP service (datagrams in the tunnel)
+//!
+//! [[forwards]]                               # optional: listeners the agent always runs
+//! listen = "127.0.0.1:2222"                  # (like `steelyard connect office-pc ssh --listen …`)
+//! peer = "office-pc"
+//! service = "ssh"
 //!
 //! [offers]                                   # which peers may connect; default: everyone
 //! allow = ["office-pc"]
@@ -150,6 +156,22 @@ impl<'de> Deserialize<'de> for ServiceAddr {
     }
 }
 
+/// Most `[[forwards]]` in a config.
+pub const MAX_STATIC_FORWARDS: usize = 64;
+
+/// A forward from the config: the agent listens on `listen` (TCP) and tunnels every accepted
+/// connection to `service` on `peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StaticForward {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The peer to reach.
+    pub peer: String,
+    /// The service on that peer.
+    pub service: String,
+}
+
 /// The agent's whole configuration.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +195,13 @@ pub struct AgentConfig {
     /// Loopback address of the control endpoint for `steelyard connect`.
     #[serde(default = "default_control")]
     pub control: SocketAddr,
+    /// Whether forwards (`steelyard connect --listen`, `[[forwards]]`) may listen on addresses
+    /// other than loopback, where other machines could use the tunnels as this peer.
+    #[serde(default)]
+    pub allow_remote_forwards: bool,
+    /// Forwards the agent runs for as long as it runs (at most `MAX_STATIC_FORWARDS`).
+    #[serde(default)]
+    pub forwards: Vec<StaticForward>,
     /// Service name → local address, reachable by peers through tunnels.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceAddr>,
@@ -232,6 +261,28 @@ impl AgentConfig {
                 "control {} must be a loopback address: anyone who reaches it can open tunnels as this peer",
                 self.control
             ));
+        }
+        if self.forwards.len() > MAX_STATIC_FORWARDS {
+            return bad(format!(
+                "{} [[forwards]]; at most {MAX_STATIC_FORWARDS}",
+                self.forwards.len()
+            ));
+        }
+        for f in &self.forwards {
+            if !is_valid_id(&f.peer) || !is_valid_id(&f.service) {
+                return bad(format!(
+                    "forwards: peer {:?} and service {:?} must be 1 to 64 bytes of [A-Za-z0-9._-]",
+                    f.peer, f.service
+                ));
+            }
+            if !f.listen.ip().is_loopback() && !self.allow_remote_forwards {
+                return bad(format!(
+                    "forwards: listen {} is not a loopback address: anyone who reaches it could \
+                     use the tunnel as this peer; listen on 127.0.0.1 or ::1, or set \
+                     `allow_remote_forwards = true`",
+                    f.listen
+                ));
+            }
         }
         for name in self.services.keys() {
             if !is_valid_id(name) {
@@ -356,6 +407,20 @@ allow = ["a"]
             e.to_string().contains("relay_connect_ms = 5 must be"),
             "{e}"
         );
+        let f = AgentConfig::parse(
+            &format!("{GOOD}\n[[forwards]]\nlisten = \"127.0.0.1:2222\"\npeer = \"a\"\nservice = \"ssh\"\n"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(f.forwards[0].listen.port(), 2222);
+        let remote = format!(
+            "{GOOD}\n[[forwards]]\nlisten = \"0.0.0.0:2222\"\npeer = \"a\"\nservice = \"ssh\"\n"
+        );
+        let e = AgentConfig::parse(&remote, "t").unwrap_err();
+        assert!(e.to_string().contains("not a loopback address"), "{e}");
+        let r =
+            AgentConfig::parse(&format!("allow_remote_forwards = true\n{remote}"), "t").unwrap();
+        assert!(r.allow_remote_forwards);
         assert_eq!(
             broker_ws_url("https://b.example:7443/").as_deref(),
             Some("wss://b.example:7443/v1/agent")

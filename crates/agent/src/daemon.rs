@@ -26,6 +26,14 @@
 //!   [`ControlReply`]; after an `ok` reply the control connection *is* the tunnel's plaintext
 //!   end. So the identity key never leaves the agent. A relay that cannot be dialled is
 //!   avoided in up to [`NEW_TUNNEL_RELAY_RETRIES`] further requests.
+//! * **Forwards.** A control request with `listen` ([`forward_via_agent`], what `steelyard
+//!   connect` sends) makes the agent bind that TCP address itself (loopback only unless
+//!   `allow_remote_forwards`; at most [`MAX_FORWARDS`]) and answer with the bound address;
+//!   every connection accepted there becomes a tunnel exactly as above (same broker request,
+//!   relay retries, resume, [`MAX_TUNNELS`] limit and session reports), its outcome sent back
+//!   as one JSON line per tunnel on the control connection. The listener closes when the
+//!   control connection does; tunnels already accepted carry on to their end. The config's
+//!   `[[forwards]]` are bound at start and run as long as the agent.
 //! * **Failover.** Both ends bridge through [`crate::resume`]. When the tunnel breaks, the
 //!   opening side asks the broker for a new session to the same service, naming the relays it
 //!   lost tunnels through (`avoid`), and opens a tunnel with [`Attach::Resume`] and the
@@ -89,6 +97,10 @@ use crate::tunnel::{Role, StaticKeypair, Tunnel, TunnelConfig, TunnelError};
 pub const MAX_CONTROL_LINE: usize = 4096;
 /// Most tunnels (both directions together) at once; more are refused.
 pub const MAX_TUNNELS: usize = 1024;
+/// Most forwards (listeners the agent runs for control clients) at once; more are refused.
+pub const MAX_FORWARDS: usize = 64;
+/// Tunnel events queued per forward towards its control client; more are dropped.
+const FORWARD_EVENTS: usize = 64;
 /// Most connect requests waiting for the broker at once.
 pub const MAX_PENDING_CONNECTS: usize = 256;
 /// How long a connect request waits for the broker's answer (the other peer may be asked).
@@ -125,6 +137,16 @@ pub enum DaemonError {
         addr: SocketAddr,
         /// The cause.
         source: std::io::Error,
+    },
+    /// A `[[forwards]]` listener could not be bound.
+    #[error("forward to {peer}/{service}: {message}")]
+    Forward {
+        /// The peer.
+        peer: String,
+        /// The service.
+        service: String,
+        /// What went wrong and what to do.
+        message: String,
     },
     /// The configuration is unusable.
     #[error(transparent)]
@@ -328,7 +350,8 @@ pub fn decide_offer(
 // ---------------------------------------------------------------------------------------------
 // Control protocol
 
-/// What a control client asks: a tunnel to `service` on `peer`.
+/// What a control client asks: a tunnel to `service` on `peer` (this connection becomes it),
+/// or with `listen` a forward (the agent listens there and tunnels every accepted connection).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlRequest {
@@ -336,6 +359,10 @@ pub struct ControlRequest {
     pub peer: String,
     /// The service on that peer.
     pub service: String,
+    /// Forward: listen on this TCP address (loopback unless the config's
+    /// `allow_remote_forwards`) for as long as this control connection stays open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// The agent's answer; after `ok: true` the connection carries the tunnel's plaintext.
@@ -353,6 +380,12 @@ pub struct ControlReply {
     /// What went wrong and what to do, when not up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A forward's bound address (in the reply to a forward request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listening: Option<SocketAddr>,
+    /// The local client a forward's tunnel event is about (events after a forward's reply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<SocketAddr>,
 }
 
 /// A control client's failure.
@@ -400,12 +433,10 @@ async fn write_json<W: AsyncWrite + Unpin, T: Serialize>(w: &mut W, v: &T) -> st
     w.write_all(text.as_bytes()).await
 }
 
-/// Asks the agent at `control` for a tunnel to `service` on `peer`. On success returns the
-/// connection, which from then on carries the service's bytes, and the agent's reply.
-pub async fn open_via_agent(
+/// Sends `req` to the agent at `control` and reads its reply line; a refusal is an error.
+async fn control_request(
     control: SocketAddr,
-    peer: &str,
-    service: &str,
+    req: &ControlRequest,
 ) -> Result<(TcpStream, ControlReply), ControlError> {
     let mut s = TcpStream::connect(control)
         .await
@@ -414,24 +445,80 @@ pub async fn open_via_agent(
             source,
         })?;
     let _ = s.set_nodelay(true);
-    let req = ControlRequest {
-        peer: peer.to_owned(),
-        service: service.to_owned(),
-    };
-    write_json(&mut s, &req)
+    write_json(&mut s, req)
         .await
         .map_err(|e| ControlError::Protocol(e.to_string()))?;
-    let line = read_line(&mut s)
-        .await
-        .map_err(|e| ControlError::Protocol(format!("no reply line: {e}")))?;
-    let reply: ControlReply =
-        serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line}")))?;
+    let reply = read_reply(&mut s).await?;
     if !reply.ok {
         return Err(ControlError::Refused(
             reply.error.unwrap_or_else(|| "no reason given".into()),
         ));
     }
     Ok((s, reply))
+}
+
+async fn read_reply(s: &mut TcpStream) -> Result<ControlReply, ControlError> {
+    let line = read_line(s)
+        .await
+        .map_err(|e| ControlError::Protocol(format!("no reply line: {e}")))?;
+    serde_json::from_str(&line).map_err(|e| ControlError::Protocol(format!("{e}: {line}")))
+}
+
+/// Asks the agent at `control` for a tunnel to `service` on `peer`. On success returns the
+/// connection, which from then on carries the service's bytes, and the agent's reply.
+pub async fn open_via_agent(
+    control: SocketAddr,
+    peer: &str,
+    service: &str,
+) -> Result<(TcpStream, ControlReply), ControlError> {
+    let req = ControlRequest {
+        peer: peer.to_owned(),
+        service: service.to_owned(),
+        listen: None,
+    };
+    control_request(control, &req).await
+}
+
+/// A forward the agent runs for this client: it listens while [`Forward`] lives (dropping it
+/// closes the control connection, and the agent closes the listener).
+#[derive(Debug)]
+pub struct Forward {
+    conn: TcpStream,
+    /// The address the agent bound (the port filled in when 0 was asked for).
+    pub listening: SocketAddr,
+}
+
+impl Forward {
+    /// The next tunnel event: `ok` with the session and relay of a tunnel the forward opened
+    /// for local client `from`, or its `error`. Fails when the agent ends the forward (it
+    /// stopped, or the connection broke).
+    pub async fn next_event(&mut self) -> Result<ControlReply, ControlError> {
+        read_reply(&mut self.conn).await
+    }
+}
+
+/// Asks the agent at `control` to listen on `listen` (TCP) and tunnel every connection it
+/// accepts there to `service` on `peer`, for as long as the returned [`Forward`] lives.
+pub async fn forward_via_agent(
+    control: SocketAddr,
+    peer: &str,
+    service: &str,
+    listen: SocketAddr,
+) -> Result<Forward, ControlError> {
+    let req = ControlRequest {
+        peer: peer.to_owned(),
+        service: service.to_owned(),
+        listen: Some(listen),
+    };
+    let (conn, reply) = control_request(control, &req).await?;
+    let listening = reply.listening.ok_or_else(|| {
+        ControlError::Protocol(
+            "the agent answered a forward request without its address; is it older than this \
+             `steelyard connect`?"
+                .into(),
+        )
+    })?;
+    Ok(Forward { conn, listening })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -449,6 +536,8 @@ struct Shared {
     connect_slots: Mutex<Arc<Semaphore>>,
     next_id: AtomicU64,
     tunnels: Arc<Semaphore>,
+    /// Forwards run for control clients, at most [`MAX_FORWARDS`].
+    forwards: Arc<Semaphore>,
     measure: MeasureConfig,
     /// A tunnel broke: measure and report now (its relay or the path to it may be gone).
     measure_now: tokio::sync::Notify,
@@ -476,6 +565,8 @@ fn random_u64() -> u64 {
 pub struct Agent {
     shared: Arc<Shared>,
     control: TcpListener,
+    /// The config's `[[forwards]]`, bound.
+    forwards: Vec<(ControlRequest, TcpListener)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -487,7 +578,8 @@ impl std::fmt::Debug for Agent {
 }
 
 impl Agent {
-    /// Validates `cfg`, loads (or creates) the identity key and binds the control endpoint.
+    /// Validates `cfg`, loads (or creates) the identity key and binds the control endpoint and
+    /// the config's `[[forwards]]`.
     pub async fn bind(cfg: AgentConfig) -> Result<Self, DaemonError> {
         cfg.validate()?;
         let key = identity::load_or_create(&cfg.key_file)?;
@@ -507,6 +599,23 @@ impl Agent {
                     addr: cfg.control,
                     source,
                 })?;
+        let mut forwards = Vec::with_capacity(cfg.forwards.len());
+        for f in &cfg.forwards {
+            let listener =
+                bind_forward(&cfg, f.listen)
+                    .await
+                    .map_err(|message| DaemonError::Forward {
+                        peer: f.peer.clone(),
+                        service: f.service.clone(),
+                        message,
+                    })?;
+            let req = ControlRequest {
+                peer: f.peer.clone(),
+                service: f.service.clone(),
+                listen: Some(f.listen),
+            };
+            forwards.push((req, listener));
+        }
         Ok(Self {
             shared: Arc::new(Shared {
                 noise: identity::noise_keypair(&key),
@@ -517,6 +626,7 @@ impl Agent {
                 connect_slots: Mutex::new(Arc::new(Semaphore::new(MAX_PENDING_CONNECTS))),
                 next_id: AtomicU64::new(1),
                 tunnels: Arc::new(Semaphore::new(MAX_TUNNELS)),
+                forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
                 measure: MeasureConfig::default(),
                 measure_now: tokio::sync::Notify::new(),
                 streams: Mutex::new(HashMap::new()),
@@ -525,12 +635,18 @@ impl Agent {
                 resume_timeout,
             }),
             control,
+            forwards,
         })
     }
 
     /// The bound control address.
     pub fn control_addr(&self) -> std::io::Result<SocketAddr> {
         self.control.local_addr()
+    }
+
+    /// The bound addresses of the config's `[[forwards]]`, in order.
+    pub fn forward_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.forwards.iter().map(|(_, l)| l.local_addr()).collect()
     }
 
     /// This agent's Ed25519 public key, hex (what the broker records at enrollment).
@@ -543,9 +659,18 @@ impl Agent {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared;
         let control = tokio::spawn(control_loop(shared.clone(), self.control));
+        let forwards: Vec<_> = self
+            .forwards
+            .into_iter()
+            .map(|(req, listener)| {
+                let end = std::future::pending();
+                tokio::spawn(forward_loop(shared.clone(), req, listener, end, None))
+            })
+            .collect();
         let broker = tokio::spawn(broker_loop(shared));
         shutdown.await;
         control.abort();
+        forwards.iter().for_each(|f| f.abort());
         broker.abort();
     }
 }
@@ -1370,6 +1495,8 @@ fn refuse(error: String) -> ControlReply {
         session_id: None,
         relay: None,
         error: Some(error),
+        listening: None,
+        from: None,
     }
 }
 
@@ -1532,12 +1659,186 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         },
         _ => return,
     };
-    let Ok(permit) = shared.tunnels.clone().try_acquire_owned() else {
+    match req.listen {
+        Some(listen) => control_forward(shared, req, listen, conn).await,
+        None => serve_tunnel(shared, req, conn, Answer::Control).await,
+    }
+}
+
+/// Who hears how a tunnel request went.
+enum Answer {
+    /// The control client that asked for the tunnel: one JSON reply line on the connection,
+    /// before the tunnel's bytes.
+    Control,
+    /// A forward's client (`steelyard connect`), as an event line, if one is listening; the
+    /// local connection from `from` only ever sees the service's bytes.
+    Forward {
+        from: SocketAddr,
+        events: Option<mpsc::Sender<ControlReply>>,
+    },
+}
+
+impl Answer {
+    /// Tells of a failure.
+    async fn refuse(&self, conn: &mut TcpStream, req: &ControlRequest, error: String) {
+        match self {
+            Answer::Control => {
+                let _ = write_json(conn, &refuse(error)).await;
+            }
+            Answer::Forward { from, events } => {
+                tracing::warn!(%from, peer = %req.peer, service = %req.service,
+                    "forwarded connection dropped: {error}");
+                if let Some(events) = events {
+                    let mut r = refuse(error);
+                    r.from = Some(*from);
+                    let _ = events.try_send(r);
+                }
+            }
+        }
+    }
+
+    /// Tells that the tunnel is up; false when the control client is gone.
+    async fn ok(&self, conn: &mut TcpStream, mut reply: ControlReply) -> bool {
+        match self {
+            Answer::Control => write_json(conn, &reply).await.is_ok(),
+            Answer::Forward { from, events } => {
+                if let Some(events) = events {
+                    reply.from = Some(*from);
+                    let _ = events.try_send(reply); // dropped when the client reads slowly
+                }
+                true
+            }
+        }
+    }
+}
+
+/// A bound forward listener that is not loopback, refused unless the config allows it.
+fn check_forward_addr(cfg: &AgentConfig, listen: SocketAddr) -> Result<(), String> {
+    if listen.ip().is_loopback() || cfg.allow_remote_forwards {
+        return Ok(());
+    }
+    Err(format!(
+        "forward address {listen} is not a loopback address: anyone who reaches it could use \
+         the tunnel as this peer; listen on 127.0.0.1 or ::1, or set `allow_remote_forwards = \
+         true` in the agent's config"
+    ))
+}
+
+/// Binds a forward's listener, with errors that say what to do.
+async fn bind_forward(cfg: &AgentConfig, listen: SocketAddr) -> Result<TcpListener, String> {
+    check_forward_addr(cfg, listen)?;
+    TcpListener::bind(listen).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "something else listens there; pick a free port"
+        } else {
+            "pick a local address and a free port"
+        };
+        format!("cannot listen on {listen}: {e}; {hint}")
+    })
+}
+
+/// A control client's forward: binds `listen`, answers with the bound address, and tunnels
+/// every accepted connection until the control connection closes (then the listener closes;
+/// tunnels already accepted carry on to their end). Tunnel events go back as lines.
+async fn control_forward(
+    shared: Arc<Shared>,
+    req: ControlRequest,
+    listen: SocketAddr,
+    mut conn: TcpStream,
+) {
+    let Ok(_permit) = shared.forwards.clone().try_acquire_owned() else {
         let _ = write_json(
             &mut conn,
             &refuse(format!(
-                "this agent carries {MAX_TUNNELS} tunnels already; retry later"
+                "this agent runs {MAX_FORWARDS} forwards already; stop one (its `steelyard \
+                 connect`) and retry"
             )),
+        )
+        .await;
+        return;
+    };
+    let listener = match bind_forward(&shared.cfg, listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = write_json(&mut conn, &refuse(e)).await;
+            return;
+        }
+    };
+    let listening = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = write_json(&mut conn, &refuse(format!("forward listener: {e}"))).await;
+            return;
+        }
+    };
+    let mut ok = refuse(String::new());
+    (ok.ok, ok.error, ok.listening) = (true, None, Some(listening));
+    if write_json(&mut conn, &ok).await.is_err() {
+        return;
+    }
+    tracing::info!(%listening, peer = %req.peer, service = %req.service, "forward open");
+    let (mut rd, mut wr) = conn.into_split();
+    let (events, mut rx) = mpsc::channel::<ControlReply>(FORWARD_EVENTS);
+    let writer = tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            if write_json(&mut wr, &ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    // The client sends nothing more: end of stream (or an error) means it is gone.
+    let gone = async move {
+        let mut sink = [0u8; 256];
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    forward_loop(shared, req, listener, gone, Some(events)).await;
+    writer.abort();
+    tracing::info!(%listening, "forward closed: its control connection ended");
+}
+
+/// Accepts on a forward's `listener` until `end` completes, each connection a tunnel for `req`.
+async fn forward_loop(
+    shared: Arc<Shared>,
+    req: ControlRequest,
+    listener: TcpListener,
+    end: impl Future<Output = ()>,
+    events: Option<mpsc::Sender<ControlReply>>,
+) {
+    tokio::pin!(end);
+    loop {
+        let (conn, from) = tokio::select! {
+            () = &mut end => return,
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors, typically: wait rather than spin.
+                    tracing::warn!("forward accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = conn.set_nodelay(true);
+        let tell = Answer::Forward {
+            from,
+            events: events.clone(),
+        };
+        tokio::spawn(serve_tunnel(shared.clone(), req.clone(), conn, tell));
+    }
+}
+
+/// Opens a tunnel for `req` (asking the broker, dialling the relay, avoiding a relay that
+/// cannot be dialled) and bridges `conn` to it, resuming on another relay when it breaks.
+async fn serve_tunnel(shared: Arc<Shared>, req: ControlRequest, mut conn: TcpStream, tell: Answer) {
+    let Ok(permit) = shared.tunnels.clone().try_acquire_owned() else {
+        tell.refuse(
+            &mut conn,
+            &req,
+            format!("this agent carries {MAX_TUNNELS} tunnels already; retry later"),
         )
         .await;
         return;
@@ -1548,9 +1849,10 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
     let mut id = [0u8; RESUME_ID_LEN];
     let (answer, tunnel, rtt) = loop {
         if let Err(e) = getrandom::getrandom(&mut id) {
-            let _ = write_json(
+            tell.refuse(
                 &mut conn,
-                &refuse(format!("no randomness for the resume id: {e}")),
+                &req,
+                format!("no randomness for the resume id: {e}"),
             )
             .await;
             return;
@@ -1558,7 +1860,7 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         let answer = match ask_broker(&shared, &req, &avoid).await {
             Ok(a) => a,
             Err(e) => {
-                let _ = write_json(&mut conn, &refuse(e)).await;
+                tell.refuse(&mut conn, &req, e).await;
                 return;
             }
         };
@@ -1567,7 +1869,7 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
             Err((e, refused)) => {
                 report_end(&shared, answer.session_id, None, None, None).await;
                 if refused || avoid.len() >= NEW_TUNNEL_RELAY_RETRIES {
-                    let _ = write_json(&mut conn, &refuse(e)).await;
+                    tell.refuse(&mut conn, &req, e).await;
                     return;
                 }
                 tracing::info!(relay = %answer.relay_id, "new tunnel failed, asking for another relay: {e}");
@@ -1580,8 +1882,10 @@ async fn control_conn(shared: Arc<Shared>, mut conn: TcpStream) {
         session_id: Some(answer.session_id.clone()),
         relay: Some(answer.relay_id.clone()),
         error: None,
+        listening: None,
+        from: None,
     };
-    if write_json(&mut conn, &ok).await.is_err() {
+    if !tell.ok(&mut conn, ok).await {
         report_end(&shared, answer.session_id, None, Some(rtt), None).await;
         return;
     }

@@ -1,11 +1,16 @@
 //! `steelyard connect <peer> <service> --listen ADDR`: a local listener whose every accepted
 //! connection becomes a tunnel to `service` on `peer`, through the running agent.
 //!
-//! The work happens in the agent (`steelyard_agent::daemon`): this command asks the agent's
-//! loopback control endpoint for each tunnel, then copies bytes between the local client and
-//! the agent (in [`COPY_BUF`] pieces). The identity key never leaves the agent.
+//! The agent does the work (`steelyard_agent::daemon`): this command sends its loopback
+//! control endpoint one forward request; the agent binds `--listen` itself (loopback only,
+//! unless its config has `allow_remote_forwards`) and serves every accepted connection as a
+//! tunnel, so tunnelled bytes go client → agent → relay with no process in between. This
+//! command stays in the foreground printing one line per tunnel (its relay, or why it failed);
+//! when it exits (Ctrl-C, killed) its control connection closes and the agent closes the
+//! listener (connections already accepted carry on to their end). If the agent stops, this
+//! command exits with an error. The identity key never leaves the agent.
 //!
-//! With `--udp` it binds a UDP socket instead, for a service the peer declares as UDP
+//! With `--udp` it binds a UDP socket itself, for a service the peer declares as UDP
 //! (`udp:HOST:PORT` in its `[services]`): each client address gets its own tunnel (at most
 //! [`MAX_UDP_FLOWS`] at once), its datagrams travel as records
 //! (`steelyard_agent::datagram`), and a flow ends after a minute without datagrams.
@@ -17,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
 use steelyard_agent::config::{AgentConfig, DEFAULT_CONTROL};
-use steelyard_agent::daemon::open_via_agent;
+use steelyard_agent::daemon::{forward_via_agent, open_via_agent};
 
 /// Flags of `steelyard connect`.
 #[derive(Debug, clap::Args)]
@@ -40,15 +45,12 @@ pub struct ConnectArgs {
     pub udp: bool,
 }
 
-/// Copy buffer per direction between a local client and the agent (tokio's default is 8 KiB,
-/// four syscalls per tunnel frame; this moves several frames per call).
-const COPY_BUF: usize = 256 * 1024;
 /// Most UDP client addresses tunnelled at once; datagrams from more are dropped.
 pub const MAX_UDP_FLOWS: usize = 256;
 /// Datagrams queued per UDP flow while its tunnel opens or is slow; more are dropped.
 const UDP_QUEUE: usize = 64;
 
-/// Listens and tunnels until interrupted.
+/// Runs the forward until interrupted or the agent ends it.
 pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
     let control = match (args.control, &args.config) {
         (Some(c), _) => c,
@@ -63,38 +65,34 @@ pub fn run(args: ConnectArgs) -> anyhow::Result<()> {
         return rt.block_on(run_udp(args, control));
     }
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let mut forward = forward_via_agent(control, &args.peer, &args.service, args.listen)
             .await
-            .with_context(|| format!("cannot listen on {}; pick a free port", args.listen))?;
+            .with_context(|| {
+                format!(
+                    "cannot forward {} to {}/{}",
+                    args.listen, args.peer, args.service
+                )
+            })?;
         println!(
             "connect {} {} listening={} control={control}",
-            args.peer,
-            args.service,
-            listener.local_addr()?
+            args.peer, args.service, forward.listening
         );
         loop {
-            let (mut local, from) = listener.accept().await?;
-            let (peer, service) = (args.peer.clone(), args.service.clone());
-            tokio::spawn(async move {
-                let _ = local.set_nodelay(true);
-                match open_via_agent(control, &peer, &service).await {
-                    Ok((mut tunnel, reply)) => {
-                        log(&format!(
-                            "{from}: tunnel {} via relay {}",
-                            reply.session_id.unwrap_or_default(),
-                            reply.relay.unwrap_or_default()
-                        ));
-                        let _ = tokio::io::copy_bidirectional_with_sizes(
-                            &mut local,
-                            &mut tunnel,
-                            COPY_BUF,
-                            COPY_BUF,
-                        )
-                        .await;
-                    }
-                    Err(e) => log(&format!("{from}: {e}")),
-                }
-            });
+            let ev = forward.next_event().await.with_context(|| {
+                format!(
+                    "the agent at {control} ended the forward on {} (did it stop?)",
+                    forward.listening
+                )
+            })?;
+            let from = ev.from.map(|f| f.to_string()).unwrap_or_default();
+            match (ev.ok, ev.error) {
+                (true, _) => log(&format!(
+                    "{from}: tunnel {} via relay {}",
+                    ev.session_id.unwrap_or_default(),
+                    ev.relay.unwrap_or_default()
+                )),
+                (false, e) => log(&format!("{from}: {}", e.unwrap_or_default())),
+            }
         }
     })
 }
