@@ -1,0 +1,262 @@
+//! Forwards with real processes: `steelyard connect --listen` asks alice's agent to listen
+//! itself, so a local client's bytes go client → agent → relay → bob's agent → service with no
+//! `steelyard connect` process in between. Checked: tunnels through the forward echo data both
+//! ways intact (checksummed); a tunnel accepted before `steelyard connect` is killed keeps
+//! flowing after it (only possible when the agent owns the connection), while the listener
+//! closes and its port can be bound again; a `[[forwards]]` entry in alice's config works the
+//! same without any `steelyard connect`; a non-loopback listen address and a port in use are
+//! refused with errors that say what to do, and `steelyard connect` exits with them.
+//!
+//! Broker, relay and relay load feeding as in `agent_e2e.rs`.
+
+mod broker_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use broker_support::*;
+use steelyard_proto::api::{LoadReport, RelayMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn agent_config(dir: &Path, broker: SocketAddr, peer: &str, control: u16, extra: &str) -> String {
+    let path = dir.join(format!("{peer}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
+             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
+            dir.join(format!("{peer}.key")).display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+fn pattern(i: u32, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|k| (k as u32).wrapping_mul(2654435761).wrapping_add(i) as u8)
+        .collect()
+}
+
+/// Sends `len` bytes through `addr` (an echo service behind it) and returns the checksums of
+/// what went and what came back, and how much came back.
+async fn echo_round(addr: SocketAddr, i: u32, len: usize) -> std::io::Result<(u64, u64, usize)> {
+    let data = pattern(i, len);
+    let s = TcpStream::connect(addr).await?;
+    let (mut r, mut w) = s.into_split();
+    let sent = fnv(&data);
+    let writer = async move {
+        w.write_all(&data).await?;
+        w.shutdown().await
+    };
+    let reader = async move {
+        let mut back = Vec::with_capacity(len);
+        r.read_to_end(&mut back).await.map(|_| back)
+    };
+    let (w, back) = tokio::join!(writer, reader);
+    w?;
+    let back = back?;
+    Ok((sent, fnv(&back), back.len()))
+}
+
+/// Writes `chunk` on `s` and reads the same number of bytes back; true when they match.
+async fn echo_on(s: &mut TcpStream, chunk: &[u8]) -> bool {
+    let (mut r, mut w) = s.split();
+    let mut back = vec![0u8; chunk.len()];
+    let (wr, rd) = tokio::join!(w.write_all(chunk), r.read_exact(&mut back));
+    wr.is_ok() && rd.is_ok() && back == chunk
+}
+
+/// Runs `steelyard connect` expecting it to fail: its exit status and stderr.
+fn connect_fails(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .arg("connect")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("steelyard connect {args:?} was expected to fail but still runs after 20 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "steelyard connect {args:?} succeeded");
+    err
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_run_in_the_agent() {
+    let dir = temp_dir("agent-forward");
+    let (relay_tcp, relay_udp, relay_probe) = (free_port(), free_udp_port(), free_udp_port());
+    let mut config = base_config(&dir);
+    config.push_str(&format!(
+        "\n[schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
+         tcp_addr = \"127.0.0.1:{relay_tcp}\"\nudp_addr = \"127.0.0.1:{relay_probe}\"\nmax_sessions = 1000\n",
+        key_hex(100)
+    ));
+    let broker = BrokerProcess::start(&dir, &config);
+    let addr = broker.addr;
+    let (status, keys) = http_json(addr, "GET", "/v1/keys", None, None).await;
+    assert_eq!(status, 200, "{keys}");
+    let broker_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
+    let (_relay, line) = start(&[
+        "relay",
+        "--relay-id",
+        "r1",
+        "--broker-key",
+        &broker_key,
+        "--tcp",
+        &format!("127.0.0.1:{relay_tcp}"),
+        "--udp",
+        &format!("127.0.0.1:{relay_udp}"),
+        "--probe",
+        &format!("127.0.0.1:{relay_probe}"),
+    ]);
+    assert!(line.starts_with("relay listening"), "{line}");
+    let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
+    v.expect("relay r1 authenticates");
+    let feeder = tokio::spawn(async move {
+        loop {
+            send_json(&mut relay_ws, &RelayMessage::Load(LoadReport::default())).await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+
+    let echo = echo_service().await;
+    let (ctl_a, ctl_b, static_port) = (free_port(), free_port(), free_port());
+    let a_cfg = agent_config(
+        &dir,
+        addr,
+        "alice",
+        ctl_a,
+        &format!(
+            "[[forwards]]\nlisten = \"127.0.0.1:{static_port}\"\npeer = \"bob\"\nservice = \"echo\"\n"
+        ),
+    );
+    let b_cfg = agent_config(
+        &dir,
+        addr,
+        "bob",
+        ctl_b,
+        &format!("[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"),
+    );
+    let (_alice, line) = start(&["agent", "--config", &a_cfg]);
+    assert!(line.starts_with("agent alice control="), "{line}");
+    let (_bob, line) = start(&["agent", "--config", &b_cfg]);
+    assert!(line.starts_with("agent bob control="), "{line}");
+
+    let ctl = format!("127.0.0.1:{ctl_a}");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let (connect, line) = start(&[
+        "connect",
+        "bob",
+        "echo",
+        "--listen",
+        &listen,
+        "--control",
+        &ctl,
+    ]);
+    assert!(line.contains(&format!("listening={listen}")), "{line}");
+    let fwd: SocketAddr = listen.parse().unwrap();
+
+    // Until both agents have reported, the broker has no common relay: retry for up to 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match echo_round(fwd, 0, 1000).await {
+            Ok((a, b, 1000)) if a == b => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no echo through the forward within 30 s: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Data both ways, several tunnels at once, checksummed; the config's forward likewise.
+    let len = 1 << 20;
+    let static_fwd: SocketAddr = format!("127.0.0.1:{static_port}").parse().unwrap();
+    let rounds: Vec<_> = (1..=8u32)
+        .map(|i| {
+            tokio::spawn(echo_round(
+                if i % 2 == 0 { static_fwd } else { fwd },
+                i,
+                len,
+            ))
+        })
+        .collect();
+    for (i, r) in rounds.into_iter().enumerate() {
+        let (sent, back, n) = tokio::time::timeout(Duration::from_secs(60), r)
+            .await
+            .expect("tunnel finished within 60 s")
+            .unwrap()
+            .unwrap_or_else(|e| panic!("tunnel {i}: {e}"));
+        assert_eq!((n, back), (len, sent), "tunnel {i}: length and checksum");
+    }
+
+    // A live tunnel, then `steelyard connect` killed: the listener closes (the port binds
+    // again), and the tunnel the agent accepted keeps carrying bytes.
+    let mut live = TcpStream::connect(fwd).await.unwrap();
+    let chunk = pattern(99, 64 * 1024);
+    assert!(echo_on(&mut live, &chunk).await, "live tunnel echoes");
+    drop(connect); // kill + wait
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rebound = loop {
+        match tokio::net::TcpListener::bind(fwd).await {
+            Ok(l) => break l,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "port {port} still taken 10 s after `steelyard connect` was killed: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(rebound);
+    for i in 0..4 {
+        let chunk = pattern(100 + i, 64 * 1024);
+        let ok = tokio::time::timeout(Duration::from_secs(20), echo_on(&mut live, &chunk)).await;
+        assert_eq!(
+            ok,
+            Ok(true),
+            "round {i}: the tunnel accepted by the agent carries on after `steelyard connect` exits"
+        );
+    }
+    drop(live);
+
+    // Refusals: not loopback, port in use; `steelyard connect` exits with the agent's reason.
+    let err = connect_fails(&[
+        "bob",
+        "echo",
+        "--listen",
+        &format!("0.0.0.0:{}", free_port()),
+        "--control",
+        &ctl,
+    ]);
+    assert!(
+        err.contains("is not a loopback address") && err.contains("allow_remote_forwards"),
+        "{err}"
+    );
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let err = connect_fails(&["bob", "echo", "--listen", &taken_addr, "--control", &ctl]);
+    assert!(
+        err.contains(&format!("cannot listen on {taken_addr}")) && err.contains("pick a free port"),
+        "{err}"
+    );
+    drop(taken);
+
+    feeder.abort();
+    broker.stop();
+}
