@@ -2,14 +2,16 @@
 # Agent tunnel: local connect to first echoed byte (p50/p90/p99/max over 1,000 sequential connects) vs the echo service direct and a bare relay, with the broker's share.
 #
 # Real release processes on loopback (bench/agent-system.bash): broker, one relay, agents alice
-# and bob, `steelyard connect bob echo` in front of bob's echo service. The client
+# and bob, `steelyard connect bob echo` (a forward: alice's agent listens) in front of bob's
+# echo service. The client
 # (crates/steelyard/examples/tunnel_load.rs) opens CONNECTS sequential connections; each
 # writes one byte and waits for it to come back; the time runs from just before connect() to
 # the echoed byte. Same run, same client: the echo service direct (the floor) and a bare relay
 # session per connect (the same relay process, tickets the client signs, no broker, no Noise).
 # Then a traced pass of TRACE tunnel connects under tcpdump on lo splits each connect at the
-# packets: local accept -> alice's request to the broker; the broker (offer to bob, bob's
-# reply, answer to alice); relay dials + Noise handshake up to alice's control reply; the byte
+# packets: SYN at alice's forward listener -> alice's request to the broker; the broker (offer to bob, bob's
+# reply, answer to alice); relay dials + Noise handshake up to alice's tunnel-up line to
+# `steelyard connect` (on the forward's control connection); the byte
 # through the tunnel. Connects are paced GAP ms apart on every path so that the figure is a
 # connect's latency, not queueing: the broker's default limit of 100 messages per second per
 # agent connection (`[limits] messages_per_sec`) allows ~45 tunnel connects/s per agent (a
@@ -153,16 +155,16 @@ fails = f"{t['failures']} of {t['count']} failed" if t["failures"] else "none fa
 print(f"| agent tunnel: local connect to first echoed byte, {count} sequential connects {gap} ms apart, loopback | {fmt(t)} "
       f"| goal p50 ≤ 5 ms; bare relay {fmt(r)}; echo direct {fmt(d)} | {5 / t['p50_ms']:.2f}× goal (p50); "
       f"{t['p50_ms'] / r['p50_ms']:.1f}× bare relay, {t['p50_ms'] / d['p50_ms']:.0f}× direct (p50) "
-      f"| `steelyard connect` → alice's agent → broker (offer to bob, bob accepts, answer) → both agents dial the relay → Noise KK handshake → byte → bob's agent → echo service and back; {fails}; broker rate_limited errors during the run: {limited}. "
+      f"| alice's agent (forward listener) → broker (offer to bob, bob accepts, answer) → both agents dial the relay → Noise KK handshake → byte → bob's agent → echo service and back; {fails}; broker rate_limited errors during the run: {limited}. "
       f"Bare relay: fresh ticket pair per connect, both sides dial at once, no broker, no encryption (the same relay process). "
       f"Client `tunnel_load` (sequential, one connect at a time, {gap} ms pause after each on every path: the broker allows an agent 100 messages/s). 2 shared cores, load average {loadavg} at start (other builds were running) |")
 print(f"| where a tunnel connect's time goes (median of {n} traced connects, tcpdump on lo) | "
       f"broker {med['broker']:.2f} ms ({share('broker'):.0f} %), bob's offer decision {med['bob']:.2f} ms ({share('bob'):.0f} %) "
       f"| relay dials + Noise handshake {med['relay']:.2f} ms ({share('relay'):.0f} %: dial and pairing {med['pair']:.2f} ms, "
-      f"handshake from 'paired' to the control reply {med['noise']:.2f} ms, of which {med['noise_cpu']:.2f} ms inside the agents between packets, "
+      f"handshake from 'paired' to alice's tunnel-up line {med['noise']:.2f} ms, of which {med['noise_cpu']:.2f} ms inside the agents between packets, "
       f"Noise KK: an ephemeral key and X25519 operations on each side, plus wake-ups; {len(phases['noise'])} connects split); first byte through the tunnel {med['data']:.2f} ms ({share('data'):.0f} %); "
-      f"local accept + control request {med['local']:.2f} ms ({share('local'):.0f} %); medians of each phase, so they need not add up | total {med['total']:.2f} ms on the wire "
+      f"local accept to broker request {med['local']:.2f} ms ({share('local'):.0f} %); medians of each phase, so they need not add up | total {med['total']:.2f} ms on the wire "
       f"(client saw p50 {tr['p50_ms']:.2f} ms under capture) | split at packets: SYN at alice's listener; alice's connect request to the broker; "
       f"the broker's offer to bob and bob's reply (bob's share); the broker's answer to alice (broker = request → answer minus bob's share: two WebSocket hops each way, selection, 2 tickets); "
-      f"alice's control reply (after relay pairing and the handshake); the echoed byte at the listener (includes bob's connect to the service) |")
+      f"alice's tunnel-up line to `steelyard connect` on the forward's control connection (after relay pairing and the handshake); the echoed byte at the listener (includes bob's connect to the service) |")
 PY

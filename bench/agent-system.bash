@@ -9,7 +9,9 @@
 #   * `tunnel_load echo`: the echo service behind bob (and the latency floor);
 #   * agents alice and bob; bob exposes `echo` and `sink` (the port where `relay_load` accepts
 #     its receivers) to alice;
-#   * `steelyard connect bob echo` and `steelyard connect bob sink`: alice's local listeners.
+#   * `steelyard connect bob echo` and `steelyard connect bob sink`: forwards, i.e. listeners
+#     that alice's agent itself runs (tunnelled bytes do not cross the `steelyard connect`
+#     processes; they only hold the forwards open and log one line per tunnel).
 # Sets: BIN LOAD TUNNEL_LOAD WORK SEED PUB RELAY_TCP ECHO P_SINK CONN_ECHO CONN_SINK and the pids
 # BROKER_PID RELAY_PID ALICE_PID BOB_PID CONN_ECHO_PID CONN_SINK_PID ECHO_PID. Everything started
 # here is killed on exit. Bounded: every wait below gives up after at most 60 s.

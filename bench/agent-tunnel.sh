@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Agent tunnel throughput (Noise-encrypted, through `steelyard connect` and both agents) vs the bare relay vs direct, 1 and 16 streams, CPU s/GB per process.
+# Agent tunnel throughput (Noise-encrypted, through both agents) vs the bare relay vs direct, 1 and 16 streams, CPU s/GB per process.
 #
 # Real release processes on loopback (bench/agent-system.bash): broker, one relay, agents alice
-# and bob, `steelyard connect bob sink` in front of bob's `sink` service, which is the port
-# where the client accepts its receivers. The client (crates/steelyard/examples/tunnel_load.rs)
-# moves the same BYTES on every path, split over N streams, one direction, 128 KiB writes:
-#   tunnel: sender -> alice's listener (`steelyard connect`) -> alice's agent (Noise encrypt)
-#           -> relay -> bob's agent (decrypt) -> receiver;
+# and bob, `steelyard connect bob sink --listen` (a forward: alice's agent listens) in front of
+# bob's `sink` service, which is the port where the client accepts its receivers. The client
+# (crates/steelyard/examples/tunnel_load.rs) moves the same BYTES on every path, split over N
+# streams, one direction, 128 KiB writes:
+#   tunnel: sender -> alice's agent (its forward listener; Noise encrypt) -> relay -> bob's
+#           agent (decrypt) -> receiver; the `steelyard connect` process carries no bytes (its
+#           CPU is still listed: it should stay ~0);
 #   relay:  sender and receiver dial the same relay with tickets the client signs (no Noise);
 #   direct: sender -> receiver.
 # Rounds alternate the three paths (order rotated each round); a row gives the median round's
@@ -67,7 +69,7 @@ for streams in (1, 16):
           f"| {t:.2f} Gbit/s | bare relay {r:.2f} Gbit/s; direct {d:.2f} Gbit/s | {t/r:.2f}× bare relay, {t/d:.2f}× direct "
           f"| CPU s/GB, tunnel: {tunnel_cpu} (all {t_all:.2f}, {t_all / r_all:.1f}× the bare relay's); bare relay: relay {rc['relay']:.2f}, client {rc['client']:.2f} (all {r_all:.2f}); direct: client {dc['client']:.2f}. "
           f"On 2 shared cores every path is CPU-bound, so CPU s/GB is the steadier figure. "
-          f"Rounds (Gbit/s): tunnel {tsp}, relay {rsp}, direct {dsp}. Tunnel = sender → `steelyard connect` → alice's agent (Noise KK, ChaCha20-Poly1305, MAX_CHUNK = {chunk} bytes of plaintext per frame) "
+          f"Rounds (Gbit/s): tunnel {tsp}, relay {rsp}, direct {dsp}. Tunnel = sender → alice's agent (the forward listener it runs for `steelyard connect`, which carries no bytes; Noise KK, ChaCha20-Poly1305, MAX_CHUNK = {chunk} bytes of plaintext per frame) "
           f"→ relay → bob's agent → receiver; bare relay = the same relay process, tickets signed by the client, no encryption. "
           f"Client `tunnel_load throughput` (blocking thread per socket end, 128 KiB writes). 2 shared cores, load average {loadavg} at start (other builds were running) |")
 PY
