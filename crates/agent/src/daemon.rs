@@ -1712,7 +1712,7 @@ impl Answer {
     }
 }
 
-/// A bound forward listener that is not loopback, refused unless the config allows it.
+/// Refuses a forward address that is not loopback, unless the config allows remote forwards.
 fn check_forward_addr(cfg: &AgentConfig, listen: SocketAddr) -> Result<(), String> {
     if listen.ip().is_loopback() || cfg.allow_remote_forwards {
         return Ok(());
@@ -1771,8 +1771,14 @@ async fn control_forward(
             return;
         }
     };
-    let mut ok = refuse(String::new());
-    (ok.ok, ok.error, ok.listening) = (true, None, Some(listening));
+    let ok = ControlReply {
+        ok: true,
+        session_id: None,
+        relay: None,
+        error: None,
+        listening: Some(listening),
+        from: None,
+    };
     if write_json(&mut conn, &ok).await.is_err() {
         return;
     }
