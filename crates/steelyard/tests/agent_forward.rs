@@ -5,7 +5,8 @@
 //! flowing after it (only possible when the agent owns the connection), while the listener
 //! closes and its port can be bound again; a `[[forwards]]` entry in alice's config works the
 //! same without any `steelyard connect`; a non-loopback listen address and a port in use are
-//! refused with errors that say what to do, and `steelyard connect` exits with them.
+//! refused with errors that say what to do, and `steelyard connect` exits with them; forwards
+//! beyond `MAX_FORWARDS` are refused until one closes.
 //!
 //! Broker, relay and relay load feeding as in `agent_e2e.rs`.
 
@@ -17,6 +18,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use broker_support::*;
+use steelyard_agent::daemon::{forward_via_agent, MAX_FORWARDS};
 use steelyard_proto::api::{LoadReport, RelayMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -256,6 +258,36 @@ async fn forwards_run_in_the_agent() {
         "{err}"
     );
     drop(taken);
+
+    // At most MAX_FORWARDS at once (the config's forwards aside); one closed makes room.
+    let ctl_addr: SocketAddr = ctl.parse().unwrap();
+    let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut held = Vec::new();
+    for i in 0..MAX_FORWARDS {
+        let f = forward_via_agent(ctl_addr, "bob", "echo", any)
+            .await
+            .unwrap_or_else(|e| panic!("forward {i}: {e}"));
+        assert_ne!(f.listening.port(), 0);
+        held.push(f);
+    }
+    let e = forward_via_agent(ctl_addr, "bob", "echo", any)
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains(&format!("runs {MAX_FORWARDS} forwards already")),
+        "{e}"
+    );
+    held.pop();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = forward_via_agent(ctl_addr, "bob", "echo", any).await {
+        assert!(
+            Instant::now() < deadline,
+            "no forward 10 s after one was closed: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
 
     feeder.abort();
     broker.stop();
