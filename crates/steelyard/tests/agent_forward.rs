@@ -6,7 +6,8 @@
 //! closes and its port can be bound again; a `[[forwards]]` entry in alice's config works the
 //! same without any `steelyard connect`; a non-loopback listen address and a port in use are
 //! refused with errors that say what to do, and `steelyard connect` exits with them; forwards
-//! beyond `MAX_FORWARDS` are refused until one closes.
+//! beyond `MAX_FORWARDS` are refused until one closes; when the agent stops, `steelyard
+//! connect` exits with an error.
 //!
 //! Broker, relay and relay load feeding as in `agent_e2e.rs`.
 
@@ -154,7 +155,7 @@ async fn forwards_run_in_the_agent() {
         ctl_b,
         &format!("[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"),
     );
-    let (_alice, line) = start(&["agent", "--config", &a_cfg]);
+    let (alice, line) = start(&["agent", "--config", &a_cfg]);
     assert!(line.starts_with("agent alice control="), "{line}");
     let (_bob, line) = start(&["agent", "--config", &b_cfg]);
     assert!(line.starts_with("agent bob control="), "{line}");
@@ -288,6 +289,45 @@ async fn forwards_run_in_the_agent() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(held);
+
+    // The agent stops: `steelyard connect` exits with an error that says so.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .args([
+            "connect",
+            "bob",
+            "echo",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            &ctl,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.contains("listening=127.0.0.1:"), "{line}");
+    drop(alice); // kill + wait
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("steelyard connect still runs 20 s after its agent was killed");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("ended the forward"), "{err}");
 
     feeder.abort();
     broker.stop();
