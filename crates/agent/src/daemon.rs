@@ -644,11 +644,6 @@ impl Agent {
         self.control.local_addr()
     }
 
-    /// The bound addresses of the config's `[[forwards]]`, in order.
-    pub fn forward_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
-        self.forwards.iter().map(|(_, l)| l.local_addr()).collect()
-    }
-
     /// This agent's Ed25519 public key, hex (what the broker records at enrollment).
     pub fn public_key_hex(&self) -> String {
         api::public_key_hex(&self.shared.key.verifying_key())
@@ -1782,7 +1777,6 @@ async fn control_forward(
     if write_json(&mut conn, &ok).await.is_err() {
         return;
     }
-    tracing::info!(%listening, peer = %req.peer, service = %req.service, "forward open");
     let (mut rd, mut wr) = conn.into_split();
     let (events, mut rx) = mpsc::channel::<ControlReply>(FORWARD_EVENTS);
     let writer = tokio::spawn(async move {
@@ -1814,6 +1808,9 @@ async fn forward_loop(
     end: impl Future<Output = ()>,
     events: Option<mpsc::Sender<ControlReply>>,
 ) {
+    if let Ok(listening) = listener.local_addr() {
+        tracing::info!(%listening, peer = %req.peer, service = %req.service, "forward open");
+    }
     tokio::pin!(end);
     loop {
         let (conn, from) = tokio::select! {
