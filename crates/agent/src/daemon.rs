@@ -644,6 +644,15 @@ impl Agent {
         self.control.local_addr()
     }
 
+    /// The config's `[[forwards]]` as bound: `(local address, peer, service)` each (a port 0 in
+    /// the config shows the port the system chose).
+    pub fn forward_addrs(&self) -> Vec<(SocketAddr, &str, &str)> {
+        self.forwards
+            .iter()
+            .filter_map(|(req, l)| Some((l.local_addr().ok()?, &*req.peer, &*req.service)))
+            .collect()
+    }
+
     /// This agent's Ed25519 public key, hex (what the broker records at enrollment).
     pub fn public_key_hex(&self) -> String {
         api::public_key_hex(&self.shared.key.verifying_key())

@@ -46,6 +46,9 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             agent.control_addr()?,
             agent.public_key_hex()
         );
+        for (listen, peer, service) in agent.forward_addrs() {
+            println!("forward listening={listen} peer={peer} service={service}");
+        }
         agent
             .run(async {
                 use tokio::signal::unix::{signal, SignalKind};
