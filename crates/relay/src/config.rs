@@ -92,6 +92,9 @@ pub struct RelayConfig {
     /// Graceful drain settings.
     #[serde(default)]
     pub drain: DrainConfig,
+    /// Socket options of relayed TCP connections.
+    #[serde(default)]
+    pub tcp: TcpConfig,
     /// The broker this relay reports to; `None` runs standalone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerLinkConfig>,
@@ -349,6 +352,28 @@ impl Default for DrainConfig {
     }
 }
 
+/// `[tcp]`: socket options of the relay's TCP connections (set on the listener; accepted
+/// connections inherit them).
+///
+/// ```toml
+/// [tcp]
+/// congestion = "cubic"   # default: the system's (net.ipv4.tcp_congestion_control)
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// TCP congestion control of relayed connections (`TCP_CONGESTION`), e.g. `"cubic"` or
+    /// `"reno"`; unset = the system default. A relay whose peers are on its LAN (or on the same
+    /// host) gains nothing from BBR's pacing, which costs a high-resolution timer per burst of
+    /// segments: `"cubic"` moves 64 loopback streams with less relay CPU (docs/BENCHMARKS.md,
+    /// relay-tcp). Over long, lossy paths the system default (BBR where it is set) may do
+    /// better. The name must be in `/proc/sys/net/ipv4/tcp_available_congestion_control`
+    /// (`modprobe tcp_NAME` adds one), and, unless the relay has `CAP_NET_ADMIN`, in
+    /// `tcp_allowed_congestion_control`; the relay refuses to start otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<String>,
+}
+
 impl RelayConfig {
     /// Parses TOML text. Does not [`validate`](Self::validate): overrides may follow.
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
@@ -410,6 +435,20 @@ impl RelayConfig {
                 "limits.hello_timeout_ms / pair_timeout_ms",
                 "must be at least 1",
             ));
+        }
+        if let Some(cc) = &self.tcp.congestion {
+            // TCP_CA_NAME_MAX is 16 bytes with the terminating NUL.
+            if cc.is_empty()
+                || cc.len() > 15
+                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(invalid(
+                    "tcp.congestion",
+                    "must be the name of a TCP congestion control (1 to 15 of A-Z a-z 0-9 _), \
+                     one of /proc/sys/net/ipv4/tcp_available_congestion_control, e.g. \"cubic\"; \
+                     omit it for the system default",
+                ));
+            }
         }
         if let Some(b) = &self.broker {
             b.validate()?;
@@ -474,6 +513,25 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("relay_id"));
         let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"ab\"").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("hex"));
+    }
+
+    #[test]
+    fn tcp_congestion() {
+        let head = format!("relay_id = \"r1\"\nbroker_keys = [\"{KEY}\"]\n");
+        let c = RelayConfig::from_toml(&head).unwrap();
+        assert_eq!(c.tcp.congestion, None);
+        let c = RelayConfig::from_toml(&format!("{head}[tcp]\ncongestion = \"cubic\"\n")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tcp.congestion.as_deref(), Some("cubic"));
+        for bad in ["", "cu bic", "a_name_far_too_long", "bbr\\u0000"] {
+            let c =
+                RelayConfig::from_toml(&format!("{head}[tcp]\ncongestion = \"{bad}\"\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("tcp.congestion"), "{bad:?}: {e}");
+        }
+        let e =
+            RelayConfig::from_toml(&format!("{head}[tcp]\ncongestio = \"cubic\"\n")).unwrap_err();
+        assert!(e.to_string().contains("congestio"), "{e}");
     }
 
     #[test]

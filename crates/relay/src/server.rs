@@ -65,6 +65,23 @@ pub enum RelayError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `[tcp] congestion` names a congestion control the kernel will not give this relay.
+    #[error(
+        "cannot use tcp.congestion = {name:?}: {source}; available here: {available} (see \
+         /proc/sys/net/ipv4/tcp_available_congestion_control; `modprobe tcp_{name}` may add it); \
+         without CAP_NET_ADMIN only these are allowed: {allowed} \
+         (net.ipv4.tcp_allowed_congestion_control); or omit it for the system default"
+    )]
+    Congestion {
+        /// The configured name.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+        /// The kernel's available list.
+        available: String,
+        /// The kernel's allowed list.
+        allowed: String,
+    },
     /// Another I/O error.
     #[error("relay I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -166,6 +183,9 @@ impl Relay {
         let tcp = TcpListener::bind(cfg.listen.tcp)
             .await
             .map_err(bind_err("tcp", cfg.listen.tcp))?;
+        if let Some(name) = &cfg.tcp.congestion {
+            set_congestion(&tcp, name)?;
+        }
         let udp = match cfg.listen.udp {
             Some(a) => Some(std::net::UdpSocket::bind(a).map_err(bind_err("udp", a))?),
             None => None,
@@ -320,6 +340,27 @@ impl Relay {
         info!("drained");
         Ok(())
     }
+}
+
+/// Sets `TCP_CONGESTION` on the listener: the connections it accepts inherit it.
+fn set_congestion(listener: &TcpListener, name: &str) -> Result<(), RelayError> {
+    setsockopt(
+        listener,
+        sockopt::TcpCongestion,
+        &std::ffi::OsString::from(name),
+    )
+    .map_err(|e| {
+        let list = |f: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+                .map_or_else(|_| "(unknown)".into(), |s| s.trim().to_owned())
+        };
+        RelayError::Congestion {
+            name: name.to_owned(),
+            source: e.into(),
+            available: list("tcp_available_congestion_control"),
+            allowed: list("tcp_allowed_congestion_control"),
+        }
+    })
 }
 
 /// Sets its flag when dropped.
