@@ -272,8 +272,9 @@ pub struct Location {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most TCP connections open at once (handshaking, waiting and paired); more are answered
-    /// `full` and closed.
+    /// Most TCP connections open at once (handshaking, waiting and paired: a paired session
+    /// holds two); more are answered `full` and closed. The default leaves room for
+    /// `capacity.max_sessions` (10,000) paired sessions and 4,096 connections in other phases.
     pub max_connections: u32,
     /// Most TCP connections from one IP address that have not yet sent a full hello.
     pub max_handshakes_per_ip: u32,
@@ -304,7 +305,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 16_384,
+            max_connections: 24_096,
             max_handshakes_per_ip: 64,
             max_pending_total: 4_096,
             max_pending_per_ip: 32,

@@ -511,3 +511,28 @@ async fn tcp_congestion_applies_to_relayed_connections_and_an_unknown_one_is_ref
         "{e}"
     );
 }
+
+/// Both connections of a paired session count against `max_connections` for as long as the
+/// session lives (the second side's connection is not forgotten once it is handed over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paired_session_holds_two_connections_of_the_limit() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = config();
+    cfg.limits.max_connections = 2;
+    let (addrs, handle, _t) = start(cfg).await;
+    let (a, b) = paired(addrs.tcp, NO_LIMITS).await;
+    assert_eq!(handle.metrics().tcp_open.load(Relaxed), 2);
+    let mut s = TcpStream::connect(addrs.tcp).await.unwrap();
+    assert_eq!(read_status(&mut s).await.unwrap(), StatusCode::Full);
+    // When the session ends, its two places are free again.
+    drop((a, b));
+    let deadline = Instant::now() + WAIT;
+    while handle.metrics().tcp_open.load(Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut a, mut b) = paired(addrs.tcp, NO_LIMITS).await;
+    a.write_all(b"again").await.unwrap();
+    let mut got = [0u8; 5];
+    b.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"again");
+}
