@@ -122,7 +122,7 @@ for streams in (1, 64):
           f"/proc/PID/task/*/schedstat). Same client for all three: `relay_load` "
           f"(one blocking thread per socket end, 128 KiB writes; client CPU s/GB relay {rcl:.3f}, HAProxy {hcl:.3f}, "
           f"direct {dcl:.3f}); whole path CPU s/GB (relay + client) {rc+rcl:.3f} vs direct {dcl:.3f}, "
-          f"{dcl/(rc+rcl):.2f}× direct by CPU. Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads "
+          f"{dcl/(rc+rcl):.2f}× direct by CPU. The client's sockets (direct, and both hops' client ends) use the system default ({sys_cc}). Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads "
           f"(system congestion control). "
           f"2 shared cores, load average {loadavg} at start (other builds were running) |")
 PY
