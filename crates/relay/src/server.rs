@@ -1,5 +1,6 @@
-//! The relay's I/O layer (tokio): binds the sockets, runs the TCP accept loop and per-connection
-//! tasks, the UDP forwarding loop, the probe responder, the `/status` + `/metrics` HTTP server
+//! The relay's I/O layer (tokio): binds the sockets, runs the TCP accept loop, a task per
+//! connection until it is paired (hello, waiting) and then one task per session (a compact
+//! [`splice::Session`]), the UDP forwarding loop, the probe responder, the `/status` + `/metrics` HTTP server
 //! and the once-a-second sampler, and drains gracefully.
 //!
 //! All decisions are made by the sans-I/O cores ([`Pairing`], [`UdpCore`], [`ProbeResponder`]);
