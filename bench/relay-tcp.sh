@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Relay TCP goodput and CPU/GB vs HAProxy 2.6 (TCP mode, splicing on) vs direct, 1 and 64 streams.
 # The relay runs twice: with the system's congestion control, and with `[tcp] congestion =
-# "cubic"` (the documented choice for a relay whose peers are near it: no BBR pacing timers).
+# "cubic"` (the documented choice for a relay whose peers are near it: no BBR pacing timers);
+# direct runs twice too, with the system's and with cubic on the client's sockets, so that the
+# cubic relay is also compared with a direct path that has no pacing either.
 # Prints markdown table rows on stdout, progress on stderr.
 #
 # One load generator drives all three paths (crates/relay/examples/relay_load.rs), so the
 # client's cost is identical: N sender->receiver stream pairs, 128 KiB writes, one direction,
 # one blocking thread per socket end. direct: sender -> receiver's listener. haproxy: sender ->
 # HAProxy frontend -> receiver's listener. relay: sender and receiver both dial the relay with
-# signed tickets and the relay splices them. Rounds alternate relay / relay-cubic / HAProxy / direct (order
+# signed tickets and the relay splices them. Rounds alternate relay / relay-cubic / HAProxy / direct /
+# direct-cubic (order
 # rotated each round); the row gives the median round and the path process's CPU seconds per GB
 # (over all rounds): on-CPU time of all its threads from /proc/PID/task/*/schedstat in ns
 # (relay_load's path_run_s; /proc/PID/stat counts 10 ms ticks; both paths' threads live through
@@ -78,18 +81,18 @@ run() { # path streams
     relay-cubic) extra=(--target 127.0.0.1:$P_CUBIC --seed "$SEED" --relay-id bench-relay --pid "$CPID") ;;
     haproxy) extra=(--target 127.0.0.1:$P_HAP --listen 127.0.0.1:$P_BACK --pid "$HPID") ;;
     direct) extra=() ;;
+    direct-cubic) extra=(--congestion cubic) ;;
   esac
-  # relay_load's mode is "relay" for both relays: tag the second one's line.
+  # relay_load's mode is "relay" (or "direct") for both variants: tag the cubic one's line.
   timeout $((DUR + 60)) "$LOAD" "${1%-cubic}" --streams "$2" --secs "$DUR" "${extra[@]}" |
-    sed "s/\"mode\":\"relay\"/\"mode\":\"$1\"/"
+    sed "s/\"mode\":\"${1%-cubic}\"/\"mode\":\"$1\"/"
 }
 : >"$WORK/results.jsonl"
 for streams in 1 64; do
   for r in $(seq "$ROUNDS"); do
-    case $((r % 4)) in
-      1) order="relay relay-cubic haproxy direct" ;; 2) order="relay-cubic haproxy direct relay" ;;
-      3) order="haproxy direct relay relay-cubic" ;; 0) order="direct relay relay-cubic haproxy" ;;
-    esac
+    paths=(relay relay-cubic haproxy direct direct-cubic)
+    k=$(( (r - 1) % ${#paths[@]} ))
+    order="${paths[*]:k} ${paths[*]:0:k}"
     for path in $order; do
       log "$streams stream(s), round $r/$ROUNDS: $path"
       run "$path" "$streams" | tee -a "$WORK/results.jsonl" >&2
@@ -111,6 +114,7 @@ for streams in (1, 64):
         return gbps, cpu, client, spread
     h, hc, hcl, hsp = pick("haproxy")
     d, _, dcl, dsp = pick("direct")
+    dc, _, dccl, dcsp = pick("direct-cubic")
     for mode, cc in (("relay", f"system default congestion control ({sys_cc})"),
                      ("relay-cubic", "`[tcp] congestion = \"cubic\"`")):
       r, rc, rcl, rsp = pick(mode)
@@ -122,7 +126,8 @@ for streams in (1, 64):
           f"/proc/PID/task/*/schedstat). Same client for all three: `relay_load` "
           f"(one blocking thread per socket end, 128 KiB writes; client CPU s/GB relay {rcl:.3f}, HAProxy {hcl:.3f}, "
           f"direct {dcl:.3f}); whole path CPU s/GB (relay + client) {rc+rcl:.3f} vs direct {dcl:.3f}, "
-          f"{dcl/(rc+rcl):.2f}× direct by CPU. The client's sockets (direct, and both hops' client ends) use the system default ({sys_cc}). Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads "
+          f"{dcl/(rc+rcl):.2f}× direct by CPU. The client's sockets (direct, and both hops' client ends) use the system default ({sys_cc}); "
+          f"direct with cubic on its sockets: {dc:.2f} Gbit/s (rounds {dcsp}, client CPU {dccl:.3f} s/GB), relay {r/dc:.2f}× that. Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads "
           f"(system congestion control). "
           f"2 shared cores, load average {loadavg} at start (other builds were running) |")
 PY

@@ -5,7 +5,7 @@
 //! relay_load pubkey SEED_HEX
 //! relay_load direct|haproxy|relay [--streams N] [--secs T] [--buf BYTES] [--both]
 //!            [--target ADDR] [--listen ADDR] [--seed HEX --relay-id ID] [--pid PID]
-//!            [--io threads|tokio] [--warmup-ms MS]
+//!            [--io threads|tokio] [--warmup-ms MS] [--congestion NAME]
 //! relay_load udp --target RELAY_UDP --seed HEX --relay-id ID [--secs T] [--payload 200]
 //!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N [--session-bursts K]]]
 //!            [--sessions N]
@@ -23,6 +23,7 @@
 //!   the receivers send as well). Prints one JSON line: goodput over the measured window and,
 //!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`, 10 ms
 //!   ticks; `path_run_s`: the same from `/proc/PID/task/*/schedstat`, in nanoseconds).
+//!   `--congestion NAME` sets `TCP_CONGESTION` on every socket of the client before the data.
 //! * `udp`: `--sessions` relay sessions (1; each its own pair of tickets and its own side A and
 //!   side B sockets) carry `--payload`-byte datagrams between their sides for `--secs` seconds
 //!   (at most `--max-datagrams` sent per side in all); prints the datagrams delivered per
@@ -233,6 +234,19 @@ fn open_pairs(mode: &str, a: &Args, n: usize, par: usize) -> Vec<(TcpStream, Tcp
             });
         }
         _ => die("mode must be direct, haproxy or relay"),
+    }
+    if let Some(cc) = a.opt.get("congestion") {
+        // Before any data: the sending ends' congestion control is the one that acts.
+        for (x, y) in &out {
+            for sock in [x, y] {
+                nix::sys::socket::setsockopt(
+                    sock,
+                    nix::sys::socket::sockopt::TcpCongestion,
+                    &std::ffi::OsString::from(cc),
+                )
+                .unwrap_or_else(|e| die(&format!("--congestion {cc}: {e}")));
+            }
+        }
     }
     out
 }
