@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Memory per idle paired TCP session: relay vs HAProxy 2.6 holding the same number of idle
-# proxied connections (8,000 by default; see the open-files note below). Prints markdown table rows on stdout, progress on stderr.
+# proxied connections (10,000 asked; see the open-files note below), and per idle paired UDP
+# session with 10,000 open. Prints markdown table rows on stdout, progress on stderr.
 #
 # The relay's resident set (VmRSS from /proc) is read before and after N paired sessions are
 # opened through it by `relay_load idle relay` (2N client connections; an idle relayed session
@@ -10,10 +11,14 @@
 # either. Open files: 10,000 sessions need 20,000 descriptors in the relay (and in the client);
 # the script raises the hard limit when it may (root with CAP_SYS_RESOURCE), otherwise it runs
 # the largest round count that fits under the hard limit and says so in the row.
-# Env: RELAY_BENCH_SESSIONS (10000).
+# UDP: a second relay process (so that memory the TCP sessions freed is not reused) holds
+# RELAY_BENCH_UDP_SESSIONS paired UDP sessions opened by `relay_load idle udp` from one side A and
+# one side B socket (a UDP session needs no descriptor in the relay, so 10,000 fit here).
+# Env: RELAY_BENCH_SESSIONS (10000), RELAY_BENCH_UDP_SESSIONS (10000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${RELAY_BENCH_SESSIONS:-10000}
+U=${RELAY_BENCH_UDP_SESSIONS:-10000}
 log() { echo "[relay-memory] $*" >&2; }
 command -v haproxy >/dev/null || { log "installing haproxy"; apt-get install -y haproxy >&2; }
 ulimit -Hn 100000 2>/dev/null || true
@@ -36,7 +41,7 @@ trap 'cat "$WORK"/*.log >&2 2>/dev/null || true' ERR
 
 SEED=0707070707070707070707070707070707070707070707070707070707070707
 PUB=$($LOAD pubkey "$SEED")
-P_RELAY=15233; P_HAP=15232; P_BACK=15242
+P_RELAY=15233; P_HAP=15232; P_BACK=15242; P_URELAY=15234; P_UDP=15235
 cat >"$WORK/relay.toml" <<CFG
 relay_id = "bench-relay"
 broker_keys = ["$PUB"]
@@ -47,9 +52,22 @@ max_sessions = $((N + 1000))
 [limits]
 max_connections = $((2 * N + 2000))
 CFG
+cat >"$WORK/relay-udp.toml" <<CFG
+relay_id = "bench-relay"
+broker_keys = ["$PUB"]
+[listen]
+tcp = "127.0.0.1:$P_URELAY"
+udp = "127.0.0.1:$P_UDP"
+[capacity]
+max_sessions = $((U + 1000))
+[limits]
+udp_idle_timeout_secs = 600
+CFG
 RELAY_DESC='`steelyard relay` (release)'
 target/release/steelyard relay --config "$WORK/relay.toml" >"$WORK/relay.out" 2>"$WORK/relay.log" & RPID=$!
 PIDS+=("$RPID")
+target/release/steelyard relay --config "$WORK/relay-udp.toml" >"$WORK/relay-udp.out" 2>"$WORK/relay-udp.log" & UPID=$!
+PIDS+=("$UPID")
 cat >"$WORK/haproxy.cfg" <<CFG
 global
   maxconn $((N + 200))
@@ -68,7 +86,7 @@ CFG
 haproxy -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 & HPID=$!
 PIDS+=("$HPID")
 sleep 1
-kill -0 "$RPID" && kill -0 "$HPID"
+kill -0 "$RPID" && kill -0 "$HPID" && kill -0 "$UPID"
 rss() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
 
 measure() { # path pid -> "before after opened"
@@ -76,13 +94,15 @@ measure() { # path pid -> "before after opened"
   case $path in
     relay) extra=(--target 127.0.0.1:$P_RELAY --seed "$SEED" --relay-id bench-relay) ;;
     haproxy) extra=(--target 127.0.0.1:$P_HAP --listen 127.0.0.1:$P_BACK) ;;
+    udp) extra=(--target 127.0.0.1:$P_UDP --seed "$SEED" --relay-id bench-relay) ;;
   esac
   # One session first so that lazily built per-process state is counted in "before".
   timeout 30 "$LOAD" idle "$path" --sessions 1 --hold 0 "${extra[@]}" >&2
   sleep 1
   local before; before=$(rss "$pid")
   rm -f "$WORK/ready"
-  timeout 300 "$LOAD" idle "$path" --sessions "$N" --hold 240 --ready-file "$WORK/ready" "${extra[@]}" >&2 &
+  local n=$N; [[ $path == udp ]] && n=$U
+  timeout 300 "$LOAD" idle "$path" --sessions "$n" --hold 240 --ready-file "$WORK/ready" "${extra[@]}" >&2 &
   local lpid=$!
   for _ in $(seq 2400); do [[ -s $WORK/ready ]] && break; kill -0 "$lpid" 2>/dev/null || break; sleep 0.1; done
   [[ -s $WORK/ready ]] || { log "$path: sessions did not open"; kill "$lpid" 2>/dev/null; return 1; }
@@ -100,10 +120,14 @@ sleep 2
 log "haproxy: opening $N idle proxied connections"
 read -r hb ha hn hfd < <(measure haproxy "$HPID")
 log "haproxy: RSS $hb KiB -> $ha KiB with $hn connections ($hfd fds)"
-python3 - "$rb" "$ra" "$rn" "$rfd" "$hb" "$ha" "$hn" "$hfd" "$RELAY_DESC" "$ASKED" "$HARD" <<'PY'
+sleep 2
+log "relay: opening $U idle paired UDP sessions"
+read -r ub ua un ufd < <(measure udp "$UPID")
+log "relay (UDP): RSS $ub KiB -> $ua KiB with $un sessions ($ufd fds)"
+python3 - "$rb" "$ra" "$rn" "$rfd" "$hb" "$ha" "$hn" "$hfd" "$ub" "$ua" "$un" "$ufd" "$RELAY_DESC" "$ASKED" "$HARD" "$U" <<'PY'
 import sys
-rb, ra, rn, rfd, hb, ha, hn, hfd = map(int, sys.argv[1:9])
-desc, asked, hard = sys.argv[9], int(sys.argv[10]), int(sys.argv[11])
+rb, ra, rn, rfd, hb, ha, hn, hfd, ub, ua, un, ufd = map(int, sys.argv[1:13])
+desc, asked, hard, uasked = sys.argv[13], int(sys.argv[14]), int(sys.argv[15]), int(sys.argv[16])
 r = (ra - rb) / rn
 h = (ha - hb) / hn
 print(f"| relay memory per idle paired TCP session, {rn:,} sessions open | {r:.2f} KiB "
@@ -115,4 +139,12 @@ print(f"| relay memory per idle paired TCP session, {rn:,} sessions open | {r:.2
       + (f"; {asked:,} sessions asked, but the hard open-files limit here is {hard:,} and cannot be raised "
          f"(no CAP_SYS_RESOURCE), so {rn:,} were opened: at {r:.2f} KiB each, {asked:,} would add "
          f"{r*asked/1024:.1f} MiB (linear extrapolation)" if rn < asked else "") + " |")
+u = (ua - ub) / un
+print(f"| relay memory per idle paired UDP session, {un:,} sessions open | {u:.2f} KiB "
+      f"(RSS {ub/1024:.1f} → {ua/1024:.1f} MiB) | HAProxy 2.6 does not relay UDP; its TCP figure above, "
+      f"{h:.2f} KiB per idle proxied connection, for scale | {u/h if h else float('inf'):.2f}× HAProxy's TCP memory "
+      f"| VmRSS delta / sessions, after 1 warm-up session, in a relay process of its own; {un:,} of {uasked:,} "
+      f"sessions paired (the relay answered `paired` to both sides), all bound from one side A and one side B "
+      f"socket by `relay_load idle udp` (sessions are keyed by id); relay holds {ufd:,} fds (none per UDP session); "
+      f"udp_idle_timeout_secs = 600 so none expire during the measurement; relay: {desc} |")
 PY

@@ -5,11 +5,13 @@
 //! relay_load pubkey SEED_HEX
 //! relay_load direct|haproxy|relay [--streams N] [--secs T] [--buf BYTES] [--both]
 //!            [--target ADDR] [--listen ADDR] [--seed HEX --relay-id ID] [--pid PID]
-//!            [--io threads|tokio] [--warmup-ms MS]
+//!            [--io threads|tokio] [--warmup-ms MS] [--congestion NAME]
 //! relay_load udp --target RELAY_UDP --seed HEX --relay-id ID [--secs T] [--payload 200]
 //!            [--max-datagrams N] [--pid PID] [--rate PER_SIDE [--burst N [--session-bursts K]]]
 //!            [--sessions N]
 //! relay_load idle relay|haproxy --sessions N --target ADDR [--listen ADDR] [--seed ...]
+//!            [--ready-file PATH] [--hold SECS]
+//! relay_load idle udp --sessions N --target RELAY_UDP --seed HEX --relay-id ID
 //!            [--ready-file PATH] [--hold SECS]
 //! ```
 //!
@@ -21,6 +23,7 @@
 //!   the receivers send as well). Prints one JSON line: goodput over the measured window and,
 //!   with `--pid`, the CPU seconds that process used in the window (`/proc/PID/stat`, 10 ms
 //!   ticks; `path_run_s`: the same from `/proc/PID/task/*/schedstat`, in nanoseconds).
+//!   `--congestion NAME` sets `TCP_CONGESTION` on every socket of the client before the data.
 //! * `udp`: `--sessions` relay sessions (1; each its own pair of tickets and its own side A and
 //!   side B sockets) carry `--payload`-byte datagrams between their sides for `--secs` seconds
 //!   (at most `--max-datagrams` sent per side in all); prints the datagrams delivered per
@@ -36,7 +39,10 @@
 //!   receives (and echoes) on all its sockets in one event loop, as those two programs do;
 //!   sending is one blocking thread per side.
 //! * `idle`: opens N paired sessions (through the relay, or through HAProxy to our listener),
-//!   writes `--ready-file` when all are open, holds them `--hold` seconds, then exits.
+//!   writes `--ready-file` when all are open, holds them `--hold` seconds, then exits. `idle
+//!   udp`: N paired UDP relay sessions, all bound from one side A socket and one side B socket
+//!   (a relay session is keyed by its id, so two sockets carry any number; the relay holds no
+//!   descriptor per UDP session), counted open when the relay answered `paired` to both sides.
 //!
 //! `--io threads` (default) pumps with one blocking OS thread per socket end; `--io tokio` uses
 //! one current-thread tokio runtime for all streams. Tickets signed from a seed are for
@@ -228,6 +234,19 @@ fn open_pairs(mode: &str, a: &Args, n: usize, par: usize) -> Vec<(TcpStream, Tcp
             });
         }
         _ => die("mode must be direct, haproxy or relay"),
+    }
+    if let Some(cc) = a.opt.get("congestion") {
+        // Before any data: the sending ends' congestion control is the one that acts.
+        for (x, y) in &out {
+            for sock in [x, y] {
+                nix::sys::socket::setsockopt(
+                    sock,
+                    nix::sys::socket::sockopt::TcpCongestion,
+                    &std::ffi::OsString::from(cc),
+                )
+                .unwrap_or_else(|e| die(&format!("--congestion {cc}: {e}")));
+            }
+        }
     }
     out
 }
@@ -649,8 +668,100 @@ fn send(tx: &std::net::UdpSocket, d: &[u8], target: SocketAddr) -> bool {
     }
 }
 
+/// Binds `n` UDP sessions at the relay from one side A and one side B socket, `WINDOW` at a
+/// time, resending the binds of a window's unfinished sessions every 200 ms (binds from the
+/// same address are idempotent). Returns the sockets (the sessions live while they do, until
+/// the relay's UDP idle timeout) and how many sessions were paired on both sides.
+/// A session being bound: side A's and side B's bind datagrams, and which side heard `paired`.
+type Binding = (Vec<u8>, Vec<u8>, [bool; 2]);
+
+fn open_udp_sessions(a: &Args, n: usize) -> (std::net::UdpSocket, std::net::UdpSocket, usize) {
+    const WINDOW: usize = 256;
+    let target: SocketAddr = a.req("target");
+    let tickets = Tickets::from_args(a);
+    let bind = || {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind UDP socket");
+        s.set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
+        s
+    };
+    let (sa, sb) = (bind(), bind());
+    let mut paired = 0;
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut done = 0;
+    while done < n && Instant::now() < deadline {
+        let w = WINDOW.min(n - done);
+        // Per session of the window: its binds, and whether each side has heard `paired`.
+        let mut win: HashMap<SessionId, Binding> = (0..w)
+            .map(|_| {
+                let (sid, ta, tb) = tickets.pair(Transport::Udp);
+                (
+                    sid,
+                    (
+                        wire::encode_udp(UdpKind::Bind, sid, &ta),
+                        wire::encode_udp(UdpKind::Bind, sid, &tb),
+                        [false; 2],
+                    ),
+                )
+            })
+            .collect();
+        let mut left = w;
+        while left > 0 && Instant::now() < deadline {
+            for (ba, bb, got) in win.values() {
+                if !got[0] {
+                    let _ = sa.send_to(ba, target);
+                }
+                if !got[1] {
+                    let _ = sb.send_to(bb, target);
+                }
+            }
+            let until = Instant::now() + Duration::from_millis(200);
+            while left > 0 && Instant::now() < until {
+                for (k, s) in [&sa, &sb].into_iter().enumerate() {
+                    while let Ok((len, _)) = s.recv_from(&mut buf) {
+                        let Ok(p) = wire::decode_udp(&buf[..len]) else {
+                            continue;
+                        };
+                        let code = p.body.first().and_then(|c| StatusCode::from_wire(*c));
+                        if p.kind != UdpKind::Status || code != Some(StatusCode::Paired) {
+                            continue;
+                        }
+                        if let Some((_, _, got)) = win.get_mut(&p.session_id) {
+                            if !got[k] {
+                                got[k] = true;
+                                if got[0] && got[1] {
+                                    left -= 1;
+                                    paired += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        done += w;
+    }
+    (sa, sb, paired)
+}
+
 fn idle(a: &Args) {
     let mode = a.pos.get(1).map_or("relay", String::as_str);
+    if mode == "udp" {
+        let n: usize = a.req("sessions");
+        let t0 = Instant::now();
+        let (sa, sb, paired) = open_udp_sessions(a, n);
+        eprintln!(
+            "relay_load: {paired} of {n} idle UDP sessions paired in {:.1} s",
+            t0.elapsed().as_secs_f64()
+        );
+        if let Some(p) = a.opt.get("ready-file") {
+            std::fs::write(p, format!("{paired}\n")).expect("ready file");
+        }
+        std::thread::sleep(Duration::from_secs_f64(a.get("hold", 30.0)));
+        drop((sa, sb));
+        return;
+    }
     let n: usize = a.req("sessions");
     let hold: f64 = a.get("hold", 30.0);
     let t0 = Instant::now();

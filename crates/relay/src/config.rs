@@ -92,6 +92,9 @@ pub struct RelayConfig {
     /// Graceful drain settings.
     #[serde(default)]
     pub drain: DrainConfig,
+    /// Socket options of relayed TCP connections.
+    #[serde(default)]
+    pub tcp: TcpConfig,
     /// The broker this relay reports to; `None` runs standalone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerLinkConfig>,
@@ -269,8 +272,9 @@ pub struct Location {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Most TCP connections open at once (handshaking, waiting and paired); more are answered
-    /// `full` and closed.
+    /// Most TCP connections open at once (handshaking, waiting and paired: a paired session
+    /// holds two); more are answered `full` and closed. The default leaves room for
+    /// `capacity.max_sessions` (10,000) paired sessions and 4,096 connections in other phases.
     pub max_connections: u32,
     /// Most TCP connections from one IP address that have not yet sent a full hello.
     pub max_handshakes_per_ip: u32,
@@ -301,7 +305,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_connections: 16_384,
+            max_connections: 24_096,
             max_handshakes_per_ip: 64,
             max_pending_total: 4_096,
             max_pending_per_ip: 32,
@@ -347,6 +351,28 @@ impl Default for DrainConfig {
     fn default() -> Self {
         Self { grace_secs: 30 }
     }
+}
+
+/// `[tcp]`: socket options of the relay's TCP connections (set on the listener; accepted
+/// connections inherit them).
+///
+/// ```toml
+/// [tcp]
+/// congestion = "cubic"   # default: the system's (net.ipv4.tcp_congestion_control)
+/// ```
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TcpConfig {
+    /// TCP congestion control of relayed connections (`TCP_CONGESTION`), e.g. `"cubic"` or
+    /// `"reno"`; unset = the system default. A relay whose peers are on its LAN (or on the same
+    /// host) gains nothing from BBR's pacing, which costs a high-resolution timer per burst of
+    /// segments: `"cubic"` moves 64 loopback streams with less relay CPU (docs/BENCHMARKS.md,
+    /// relay-tcp). Over long, lossy paths the system default (BBR where it is set) may do
+    /// better. The name must be in `/proc/sys/net/ipv4/tcp_available_congestion_control`
+    /// (`modprobe tcp_NAME` adds one), and, unless the relay has `CAP_NET_ADMIN`, in
+    /// `tcp_allowed_congestion_control`; the relay refuses to start otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub congestion: Option<String>,
 }
 
 impl RelayConfig {
@@ -411,6 +437,20 @@ impl RelayConfig {
                 "must be at least 1",
             ));
         }
+        if let Some(cc) = &self.tcp.congestion {
+            // TCP_CA_NAME_MAX is 16 bytes with the terminating NUL.
+            if cc.is_empty()
+                || cc.len() > 15
+                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(invalid(
+                    "tcp.congestion",
+                    "must be the name of a TCP congestion control (1 to 15 of A-Z a-z 0-9 _), \
+                     one of /proc/sys/net/ipv4/tcp_available_congestion_control, e.g. \"cubic\"; \
+                     omit it for the system default",
+                ));
+            }
+        }
         if let Some(b) = &self.broker {
             b.validate()?;
         }
@@ -474,6 +514,25 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("relay_id"));
         let c = RelayConfig::from_toml("broker_keys = [\"zz\"]\nrelay_id = \"ab\"").unwrap();
         assert!(c.validate().unwrap_err().to_string().contains("hex"));
+    }
+
+    #[test]
+    fn tcp_congestion() {
+        let head = format!("relay_id = \"r1\"\nbroker_keys = [\"{KEY}\"]\n");
+        let c = RelayConfig::from_toml(&head).unwrap();
+        assert_eq!(c.tcp.congestion, None);
+        let c = RelayConfig::from_toml(&format!("{head}[tcp]\ncongestion = \"cubic\"\n")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.tcp.congestion.as_deref(), Some("cubic"));
+        for bad in ["", "cu bic", "a_name_far_too_long", "bbr\\u0000"] {
+            let c =
+                RelayConfig::from_toml(&format!("{head}[tcp]\ncongestion = \"{bad}\"\n")).unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("tcp.congestion"), "{bad:?}: {e}");
+        }
+        let e =
+            RelayConfig::from_toml(&format!("{head}[tcp]\ncongestio = \"cubic\"\n")).unwrap_err();
+        assert!(e.to_string().contains("congestio"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The relay's I/O layer (tokio): binds the sockets, runs the TCP accept loop and per-connection
-//! tasks, the UDP forwarding loop, the probe responder, the `/status` + `/metrics` HTTP server
+//! The relay's I/O layer (tokio): binds the sockets, runs the TCP accept loop, a task per
+//! connection until it is paired (hello, waiting) and then one task per session (a compact
+//! [`splice::Session`]), the UDP forwarding loop, the probe responder, the `/status` + `/metrics` HTTP server
 //! and the once-a-second sampler, and drains gracefully.
 //!
 //! All decisions are made by the sans-I/O cores ([`Pairing`], [`UdpCore`], [`ProbeResponder`]);
@@ -44,7 +45,7 @@ use crate::limit::TokenBucket;
 use crate::metrics::Metrics;
 use crate::pairing::{HelloOutcome, Pairing, PairingConfig};
 use crate::probe::{ProbeAction, ProbeResponder};
-use crate::splice::{self, DirLimits, End, SharedBucket, SpliceSession};
+use crate::splice::{self, DirLimits, End, SharedBucket};
 use crate::udp_batch;
 use crate::udp_core::{UdpAction, UdpCore, UdpCoreConfig};
 use crate::wire::{self, StatusCode, HELLO_HEADER_LEN};
@@ -64,6 +65,23 @@ pub enum RelayError {
         addr: SocketAddr,
         /// The OS error.
         source: std::io::Error,
+    },
+    /// `[tcp] congestion` names a congestion control the kernel will not give this relay.
+    #[error(
+        "cannot use tcp.congestion = {name:?}: {source}; available here: {available} (see \
+         /proc/sys/net/ipv4/tcp_available_congestion_control; `modprobe tcp_{name}` may add it); \
+         without CAP_NET_ADMIN only these are allowed: {allowed} \
+         (net.ipv4.tcp_allowed_congestion_control); or omit it for the system default"
+    )]
+    Congestion {
+        /// The configured name.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+        /// The kernel's available list.
+        available: String,
+        /// The kernel's allowed list.
+        allowed: String,
     },
     /// Another I/O error.
     #[error("relay I/O error: {0}")]
@@ -86,6 +104,31 @@ pub struct BoundAddrs {
 struct Partner {
     stream: TcpStream,
     ticket: Ticket,
+    conn: Conn,
+}
+
+/// One open TCP connection: its place under `limits.max_connections` and in the
+/// `tcp_connections_open` gauge, held from accept until the connection closes (also while it is
+/// half of a paired session).
+struct Conn {
+    _permit: OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Conn {
+    fn new(permit: OwnedSemaphorePermit, metrics: Arc<Metrics>) -> Self {
+        metrics.tcp_open.fetch_add(1, Relaxed);
+        Self {
+            _permit: permit,
+            metrics,
+        }
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.metrics.tcp_open.fetch_sub(1, Relaxed);
+    }
 }
 
 type Waiter = oneshot::Sender<Partner>;
@@ -166,6 +209,9 @@ impl Relay {
         let tcp = TcpListener::bind(cfg.listen.tcp)
             .await
             .map_err(bind_err("tcp", cfg.listen.tcp))?;
+        if let Some(name) = &cfg.tcp.congestion {
+            set_congestion(&tcp, name)?;
+        }
         let udp = match cfg.listen.udp {
             Some(a) => Some(std::net::UdpSocket::bind(a).map_err(bind_err("udp", a))?),
             None => None,
@@ -322,6 +368,27 @@ impl Relay {
     }
 }
 
+/// Sets `TCP_CONGESTION` on the listener: the connections it accepts inherit it.
+fn set_congestion(listener: &TcpListener, name: &str) -> Result<(), RelayError> {
+    setsockopt(
+        listener,
+        sockopt::TcpCongestion,
+        &std::ffi::OsString::from(name),
+    )
+    .map_err(|e| {
+        let list = |f: &str| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv4/{f}"))
+                .map_or_else(|_| "(unknown)".into(), |s| s.trim().to_owned())
+        };
+        RelayError::Congestion {
+            name: name.to_owned(),
+            source: e.into(),
+            available: list("tcp_available_congestion_control"),
+            allowed: list("tcp_allowed_congestion_control"),
+        }
+    })
+}
+
 /// Sets its flag when dropped.
 struct StopOnDrop(Arc<AtomicBool>);
 
@@ -444,18 +511,11 @@ async fn handle_conn(
     mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
     guard: HandshakeGuard,
 ) {
     let m = shared.metrics.clone();
-    m.tcp_open.fetch_add(1, Relaxed);
-    struct Open(Arc<Metrics>);
-    impl Drop for Open {
-        fn drop(&mut self) {
-            self.0.tcp_open.fetch_sub(1, Relaxed);
-        }
-    }
-    let _open = Open(m.clone());
+    let conn = Conn::new(permit, m.clone());
     let hello_timeout = Duration::from_millis(shared.cfg.limits.hello_timeout_ms);
     let ticket_bytes = match tokio::time::timeout(hello_timeout, read_hello(&mut stream)).await {
         Ok(Ok(t)) => t,
@@ -483,7 +543,11 @@ async fn handle_conn(
             waiter,
         } => {
             debug!(%peer, session = %ticket.session_id, "second side arrived");
-            if let Err(p) = waiter.send(Partner { stream, ticket }) {
+            if let Err(p) = waiter.send(Partner {
+                stream,
+                ticket,
+                conn,
+            }) {
                 // The first side's task is gone (only possible if it was aborted).
                 let mut s = p.stream;
                 shared
@@ -506,7 +570,7 @@ async fn handle_conn(
             let r = wait_partner(&mut stream, rx, wait, &shared, &ticket, token).await;
             m.tcp_pending.fetch_sub(1, Relaxed);
             match r {
-                Ok(partner) => run_session(stream, ticket, partner, &shared).await,
+                Ok(partner) => start_session(stream, ticket, conn, partner, shared).await,
                 Err(code) => {
                     if let Some(code) = code {
                         send_status(&mut stream, &m, code).await;
@@ -568,61 +632,72 @@ async fn wait_partner(
     }
 }
 
-async fn run_session(mut mine: TcpStream, my_ticket: Ticket, partner: Partner, shared: &Shared) {
+/// Tells both sides they are paired and spawns the session as a task of its own, which holds
+/// only what forwarding needs (the connections, their limits, the idle timeout): the hello,
+/// the tickets and this connection task's state are dropped here.
+async fn start_session(
+    mut mine: TcpStream,
+    my_ticket: Ticket,
+    my_conn: Conn,
+    partner: Partner,
+    shared: Arc<Shared>,
+) {
     let m = &shared.metrics;
     let mut other = partner.stream;
     m.tcp_sessions_total.fetch_add(1, Relaxed);
     m.tcp_active.fetch_add(1, Relaxed);
     send_status(&mut mine, m, StatusCode::Paired).await;
     send_status(&mut other, m, StatusCode::Paired).await;
-    let (a, a_t, b, b_t) = if my_ticket.side == Side::A {
-        (&mine, &my_ticket, &other, &partner.ticket)
-    } else {
-        (&other, &partner.ticket, &mine, &my_ticket)
-    };
     let lim = |t: &Ticket| DirLimits {
         bytes_per_sec: t.limits.max_bytes_per_sec,
         max_total: t.limits.max_total_bytes,
     };
-    let idle_secs = [a_t.limits.idle_timeout_secs, b_t.limits.idle_timeout_secs]
-        .into_iter()
-        .filter(|s| *s > 0)
-        .min()
-        .unwrap_or(shared.cfg.limits.idle_timeout_secs);
+    let idle_secs = [
+        my_ticket.limits.idle_timeout_secs,
+        partner.ticket.limits.idle_timeout_secs,
+    ]
+    .into_iter()
+    .filter(|s| *s > 0)
+    .min()
+    .unwrap_or(shared.cfg.limits.idle_timeout_secs);
+    let (a, a_t, b, b_t) = if my_ticket.side == Side::A {
+        (mine, &my_ticket, other, &partner.ticket)
+    } else {
+        (other, &partner.ticket, mine, &my_ticket)
+    };
     let mut cut = shared.cut.clone();
-    let end = splice::run(
-        SpliceSession {
-            a,
-            b,
-            a_limits: lim(a_t),
-            b_limits: lim(b_t),
-            idle: Duration::from_secs(u64::from(idle_secs)),
-            global: shared.global_bw.as_ref(),
-            pipes: splice::PipeBudget {
-                max_open: u64::from(shared.cfg.limits.max_pipes),
-                open: &m.tcp_pipes_open,
-                fallbacks: &m.tcp_pipe_fallbacks,
-                resize_failures: &m.tcp_pipe_resize_failures,
-            },
-            a_to_b: &m.bytes_a_to_b,
-            b_to_a: &m.bytes_b_to_a,
+    let session = splice::Session::new(
+        a,
+        b,
+        (lim(a_t), lim(b_t)),
+        Duration::from_secs(u64::from(idle_secs)),
+        splice::Env {
+            metrics: m.clone(),
+            max_pipes: u64::from(shared.cfg.limits.max_pipes),
+            global: shared.global_bw.clone(),
         },
         async move { until_true(&mut cut).await },
-    )
-    .await;
-    match end {
-        End::Idle => m.tcp_idle_closed.fetch_add(1, Relaxed),
-        End::Limit => m.tcp_limit_closed.fetch_add(1, Relaxed),
-        End::Cut => m.tcp_drain_cut.fetch_add(1, Relaxed),
-        End::Closed | End::Error => 0,
-    };
-    debug!(session = %my_ticket.session_id, ?end, "session ended");
-    shared
-        .pairing
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .session_ended();
-    m.tcp_active.fetch_sub(1, Relaxed);
+    );
+    let id = my_ticket.session_id;
+    let conns = (my_conn, partner.conn);
+    // `map`, not an `async` block: the task holds the session once, not also a copy of it.
+    tokio::spawn(futures_util::FutureExt::map(session, move |end| {
+        drop(conns);
+        let m = &shared.metrics;
+        match end {
+            End::Idle => m.tcp_idle_closed.fetch_add(1, Relaxed),
+            End::Limit => m.tcp_limit_closed.fetch_add(1, Relaxed),
+            End::Cut => m.tcp_drain_cut.fetch_add(1, Relaxed),
+            End::Closed | End::Error => 0,
+        };
+        debug!(session = %id, ?end, "session ended");
+        shared
+            .pairing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .session_ended();
+        m.tcp_active.fetch_sub(1, Relaxed);
+    }));
 }
 
 /// Runs the UDP data plane on the calling (dedicated) thread until `stop` is set.

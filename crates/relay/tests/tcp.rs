@@ -450,3 +450,89 @@ async fn early_data_before_pairing_is_delivered() {
     sb.read_exact(&mut got).await.unwrap();
     assert_eq!(&got, b"early bytes");
 }
+
+/// The congestion control of each established TCP connection whose local port is `port` (the
+/// relay's side of its connections), as `ss -ti` (iproute2, the kernel's sock_diag) reports it:
+/// the info line of each socket names its algorithm as a word of its own.
+fn congestion_of_local_port(port: u16) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tinH",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(out.status.success(), "ss failed: {out:?}");
+    let known =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control").unwrap();
+    let known: Vec<&str> = known.split_whitespace().collect();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter(|w| known.contains(w))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_congestion_applies_to_relayed_connections_and_an_unknown_one_is_refused() {
+    // Pick an algorithm other than the system default, so the check can fail: reno is always
+    // built in; if it is the default, cubic (the relay test runs as root in CI, so it need not
+    // be in tcp_allowed_congestion_control).
+    let default = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let want = if default == "reno" { "cubic" } else { "reno" };
+    let mut cfg = config();
+    cfg.tcp.congestion = Some(want.into());
+    let (addrs, _h, _t) = start(cfg).await;
+    let (mut a, mut b) = paired(addrs.tcp, NO_LIMITS).await;
+    a.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    b.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    let ccs = congestion_of_local_port(addrs.tcp.port());
+    assert_eq!(
+        ccs,
+        vec![want.to_owned(), want.to_owned()],
+        "the relay's two sockets of the session (system default {default})"
+    );
+
+    let mut cfg = config();
+    cfg.tcp.congestion = Some("nosuchcc".into());
+    let e = match steelyard_relay::Relay::bind(cfg).await {
+        Ok(_) => panic!("a relay with tcp.congestion = nosuchcc started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("tcp.congestion") && e.contains("available here: ") && e.contains(want),
+        "{e}"
+    );
+}
+
+/// Both connections of a paired session count against `max_connections` for as long as the
+/// session lives (the second side's connection is not forgotten once it is handed over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paired_session_holds_two_connections_of_the_limit() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut cfg = config();
+    cfg.limits.max_connections = 2;
+    let (addrs, handle, _t) = start(cfg).await;
+    let (a, b) = paired(addrs.tcp, NO_LIMITS).await;
+    assert_eq!(handle.metrics().tcp_open.load(Relaxed), 2);
+    let mut s = TcpStream::connect(addrs.tcp).await.unwrap();
+    assert_eq!(read_status(&mut s).await.unwrap(), StatusCode::Full);
+    // When the session ends, its two places are free again.
+    drop((a, b));
+    let deadline = Instant::now() + WAIT;
+    while handle.metrics().tcp_open.load(Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut a, mut b) = paired(addrs.tcp, NO_LIMITS).await;
+    a.write_all(b"again").await.unwrap();
+    let mut got = [0u8; 5];
+    b.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"again");
+}
