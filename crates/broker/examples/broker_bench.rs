@@ -13,12 +13,18 @@
 //!   sans-I/O core: identity, registry entry, report in the selector), without sockets.
 //! * `broker_bench echo ECHO_ADDR REQUESTS CONCURRENCY` does the same request/answer loop
 //!   against the echo server with a message of a connect request's size.
+//! * `broker_bench serve CONFIG HEAP_FILE` runs the broker in this process (the same
+//!   `steelyard_broker::start` as `steelyard broker`) under a counting allocator, and keeps
+//!   HEAP_FILE up to date with its live heap: bytes, then a count of live blocks per size.
+//!   With `BROKER_BENCH_HEAP_FILE=HEAP_FILE`, `run` reads it next to the RSS and reports the
+//!   heap per peer and which block sizes grew by about one (or more) per peer: where a
+//!   connected peer's bytes go.
 //!
 //! Everything is bounded: counts come from the command line and every phase has a timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +36,54 @@ use steelyard_proto::api::{
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
+
+/// Counts live heap bytes and live blocks per size (the last slot counts larger blocks).
+/// Used by `serve` to see where a connected peer's bytes go; elsewhere it only adds two
+/// relaxed atomic operations per allocation.
+struct Counting;
+
+const SIZES: usize = 4097;
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static BLOCKS: [AtomicI64; SIZES] = [const { AtomicI64::new(0) }; SIZES];
+
+#[allow(unsafe_code)]
+// SAFETY: every call is forwarded unchanged to the system allocator; only counters are added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc(layout);
+        if !p.is_null() {
+            count(layout.size(), 1);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: std::alloc::Layout) {
+        count(layout.size(), -1);
+        std::alloc::System.dealloc(p, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc_zeroed(layout);
+        if !p.is_null() {
+            count(layout.size(), 1);
+        }
+        p
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        let q = std::alloc::System.realloc(p, layout, new);
+        if !q.is_null() {
+            count(layout.size(), -1);
+            count(new, 1);
+        }
+        q
+    }
+}
+
+fn count(size: usize, n: i64) {
+    LIVE.fetch_add(n * size as i64, Ordering::Relaxed);
+    BLOCKS[size.min(SIZES - 1)].fetch_add(n, Ordering::Relaxed);
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
 
 const TOKEN: &str = "bench-enroll-token-0123456789";
 type Ws =
@@ -74,6 +128,10 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("config") => print_config(arg(&args, 2, "RELAYS")),
         Some("echo-server") => runtime.block_on(echo_server()),
+        Some("serve") => runtime.block_on(serve(
+            arg(&args, 2, "CONFIG"),
+            arg(&args, 3, "HEAP_FILE"),
+        )),
         Some("run") => {
             let out = runtime.block_on(async {
                 tokio::time::timeout(
@@ -175,6 +233,56 @@ async fn echo_server() {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     axum::serve(listener, app).await.unwrap();
+}
+
+/// The broker in this process, its live heap written to `heap_file` every 100 ms.
+async fn serve(config: std::path::PathBuf, heap_file: std::path::PathBuf) {
+    let mut config = steelyard_broker::BrokerConfig::load(&config).expect("broker config");
+    config.data_dir = heap_file.with_extension("data");
+    let broker = steelyard_broker::start(config).await.expect("broker start");
+    std::thread::spawn(move || loop {
+        let mut out = LIVE.load(Ordering::Relaxed).to_string();
+        for b in &BLOCKS {
+            out.push(' ');
+            out.push_str(&b.load(Ordering::Relaxed).to_string());
+        }
+        let tmp = heap_file.with_extension("tmp");
+        std::fs::write(&tmp, out).expect("heap file");
+        std::fs::rename(&tmp, &heap_file).expect("heap file");
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    println!("broker (heap counted) listening on http://{}", broker.local_addr());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::future::pending::<()>().await;
+}
+
+/// The live heap `serve` last wrote: bytes, and live blocks per size.
+fn heap(file: Option<&std::path::Path>) -> Option<(i64, Vec<i64>)> {
+    let text = std::fs::read_to_string(file?).ok()?;
+    let mut n = text.split(' ').map(|v| v.parse::<i64>().unwrap_or(0));
+    Some((n.next()?, n.collect()))
+}
+
+/// Heap growth per peer, and the block sizes that grew by at least half a block per peer.
+fn heap_growth(before: &(i64, Vec<i64>), after: &(i64, Vec<i64>), peers: u64) -> serde_json::Value {
+    let per_peer = (after.0 - before.0) as f64 / peers as f64;
+    let mut blocks: Vec<(usize, f64)> = before
+        .1
+        .iter()
+        .zip(&after.1)
+        .enumerate()
+        .map(|(size, (b, a))| (size, (a - b) as f64 / peers as f64))
+        .filter(|&(_, n)| n >= 0.5)
+        .collect();
+    blocks.sort_by(|x, y| (y.1 * y.0 as f64).total_cmp(&(x.1 * x.0 as f64)));
+    serde_json::json!({
+        "heap_bytes_per_peer": per_peer,
+        "blocks_per_peer": blocks.iter().map(|(size, n)| {
+            let size = if *size == SIZES - 1 { format!(">={size}") } else { size.to_string() };
+            format!("{n:.2} x {size} B")
+        }).collect::<Vec<_>>(),
+    })
 }
 
 /// RSS growth of this process while a core registers PEERS peers with PATHS-path reports.
@@ -451,6 +559,8 @@ async fn run(
         }
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let heap_file = std::env::var_os("BROKER_BENCH_HEAP_FILE").map(std::path::PathBuf::from);
+    let heap_before = heap(heap_file.as_deref());
     let rss_before = rss_kib(pid);
     eprintln!("[bench] {relays} relays up; broker RSS {rss_before} KiB; enrolling {peers} peers");
 
@@ -497,6 +607,13 @@ async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_kib(pid);
     let per_peer = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / peers as f64;
+    let heap = match (heap_before, heap(heap_file.as_deref())) {
+        (Some(b), Some(a)) => heap_growth(&b, &a, peers),
+        _ => serde_json::Value::Null,
+    };
+    if !heap.is_null() {
+        eprintln!("[bench] heap: {heap}");
+    }
     eprintln!("[bench] {peers} peers enrolled in {enroll_secs:.1} s; broker RSS {rss_after} KiB ({per_peer:.0} B/peer)");
 
     // Connects: CONCURRENCY initiators, one request in flight each.
@@ -565,6 +682,7 @@ async fn run(
         "p50_ms": percentile(&all, 0.50), "p99_ms": percentile(&all, 0.99), "max_ms": percentile(&all, 1.0),
         "offers_seen": offers.load(Ordering::Relaxed),
         "rss_before_kib": rss_before, "rss_after_kib": rss_after, "bytes_per_peer": per_peer,
+        "heap": heap,
         "enroll_seconds": enroll_secs, "total_seconds": started.elapsed().as_secs_f64(),
     });
     for t in relay_tasks {
