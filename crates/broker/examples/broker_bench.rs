@@ -128,10 +128,9 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("config") => print_config(arg(&args, 2, "RELAYS")),
         Some("echo-server") => runtime.block_on(echo_server()),
-        Some("serve") => runtime.block_on(serve(
-            arg(&args, 2, "CONFIG"),
-            arg(&args, 3, "HEAP_FILE"),
-        )),
+        Some("serve") => {
+            runtime.block_on(serve(arg(&args, 2, "CONFIG"), arg(&args, 3, "HEAP_FILE")))
+        }
         Some("run") => {
             let out = runtime.block_on(async {
                 tokio::time::timeout(
@@ -251,7 +250,10 @@ async fn serve(config: std::path::PathBuf, heap_file: std::path::PathBuf) {
         std::fs::rename(&tmp, &heap_file).expect("heap file");
         std::thread::sleep(Duration::from_millis(100));
     });
-    println!("broker (heap counted) listening on http://{}", broker.local_addr());
+    println!(
+        "broker (heap counted) listening on http://{}",
+        broker.local_addr()
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
     std::future::pending::<()>().await;

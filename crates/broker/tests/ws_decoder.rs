@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
-use steelyard_broker::ws::{Decoded, Decoder, Incoming, ReadError, Reader};
+use steelyard_broker::ws::{Decoded, Decoder, Incoming, ReadError, Reader, READ_CHUNK};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Largest control payload: buffered apart from the message, so allowed on top of the limit.
@@ -197,7 +197,7 @@ fn read_cancelling(
     loop {
         let Some(r) = reader.next().now_or_never() else {
             assert!(
-                reader.allocated() <= max + CONTROL + 256,
+                reader.allocated() <= max + CONTROL + READ_CHUNK,
                 "holds {}",
                 reader.allocated()
             );
