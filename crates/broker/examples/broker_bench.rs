@@ -1,7 +1,9 @@
 //! Broker benchmark client (and its ceiling), driven by `bench/broker-connect.sh`.
 //!
-//! * `broker_bench config RELAYS` prints a broker config with RELAYS pre-registered relays and
-//!   limits raised for one client machine.
+//! * `broker_bench config RELAYS [TLS_DIR]` prints a broker config with RELAYS pre-registered
+//!   relays and limits raised for one client machine; with TLS_DIR, the broker serves TLS with
+//!   a self-signed certificate written there (`TLS_DIR/cert.pem`), and `run` with
+//!   `BROKER_BENCH_TLS_CERT=TLS_DIR/cert.pem` connects over `wss`.
 //! * `broker_bench echo-server` runs a bare axum WebSocket echo server (the ceiling) and
 //!   prints its address.
 //! * `broker_bench run BROKER_ADDR BROKER_PID PEERS RELAYS PATHS CONNECTS CONCURRENCY`
@@ -86,8 +88,59 @@ fn count(size: usize, n: i64) {
 static ALLOC: Counting = Counting;
 
 const TOKEN: &str = "bench-enroll-token-0123456789";
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A client connection: plain TCP, or TLS when `BROKER_BENCH_TLS_CERT` names the broker's
+/// certificate.
+trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn ClientIo>>;
+
+/// The TLS client config trusting the broker's self-signed certificate, if the run is over TLS.
+fn tls_client() -> Option<&'static tokio_rustls::TlsConnector> {
+    static TLS: std::sync::OnceLock<Option<tokio_rustls::TlsConnector>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        use rustls::pki_types::pem::PemObject;
+        let path = std::env::var_os("BROKER_BENCH_TLS_CERT")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls::pki_types::CertificateDer::pem_file_iter(&path).expect("TLS certificate")
+        {
+            roots
+                .add(cert.expect("TLS certificate"))
+                .expect("TLS certificate");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    })
+    .as_ref()
+}
+
+/// A WebSocket to `path` on the broker, over TLS if the run is.
+async fn open_ws(addr: SocketAddr, path: &str) -> Ws {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the broker");
+    let (io, scheme): (Box<dyn ClientIo>, _) = match tls_client() {
+        Some(tls) => {
+            let name = "localhost".try_into().expect("a server name");
+            (
+                Box::new(tls.connect(name, tcp).await.expect("TLS handshake")),
+                "wss",
+            )
+        }
+        None => (Box::new(tcp), "ws"),
+    };
+    let (ws, _) = tokio_tungstenite::client_async(format!("{scheme}://localhost{path}"), io)
+        .await
+        .expect("WebSocket upgrade");
+    ws
+}
 
 fn seed(kind: u8, i: u64) -> SigningKey {
     let mut s = [kind; 32];
@@ -126,7 +179,7 @@ fn main() {
         .build()
         .expect("tokio runtime");
     match args.get(1).map(String::as_str) {
-        Some("config") => print_config(arg(&args, 2, "RELAYS")),
+        Some("config") => print_config(arg(&args, 2, "RELAYS"), args.get(3).map(Into::into)),
         Some("echo-server") => runtime.block_on(echo_server()),
         Some("serve") => {
             runtime.block_on(serve(arg(&args, 2, "CONFIG"), arg(&args, 3, "HEAP_FILE")))
@@ -177,10 +230,31 @@ fn main() {
     }
 }
 
-fn print_config(relays: u64) {
+fn print_config(relays: u64, tls_dir: Option<std::path::PathBuf>) {
+    let listen = match tls_dir {
+        None => "listen_plain = true".to_owned(),
+        Some(dir) => {
+            // A self-signed certificate for localhost; the client trusts it by file.
+            let certified =
+                rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+            std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write the key");
+            format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"",
+                cert.display(),
+                key.display()
+            )
+        }
+    };
+    // Top-level keys first: a [tls] table ends them.
+    let (top, tls) = match listen.strip_prefix("[tls]") {
+        Some(_) => ("", listen.as_str()),
+        None => (listen.as_str(), ""),
+    };
     println!(
         r#"listen = "127.0.0.1:0"
-listen_plain = true
+{top}
 store = "memory"
 
 [[enroll_tokens]]
@@ -196,6 +270,8 @@ send_queue = 100000
 [schedule]
 interval_ms = 600000
 stale_after_ms = 3600000
+
+{tls}
 "#
     );
     for i in 0..relays {
@@ -257,6 +333,12 @@ async fn serve(config: std::path::PathBuf, heap_file: std::path::PathBuf) {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     std::future::pending::<()>().await;
+}
+
+/// This process's live heap: bytes, and live blocks per size.
+fn heap_now() -> (i64, Vec<i64>) {
+    let blocks = BLOCKS.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+    (LIVE.load(Ordering::Relaxed), blocks)
 }
 
 /// The live heap `serve` last wrote: bytes, and live blocks per size.
@@ -370,6 +452,7 @@ fn state(peers: u64, relays: u64, paths: u64) {
     };
     // Warm the allocator with one peer's worth of transient inputs.
     drop(input(u64::MAX));
+    let heap_before = heap_now();
     let before = rss_kib(std::process::id());
     for i in 0..peers {
         let (hello, proof, report) = input(i);
@@ -380,10 +463,11 @@ fn state(peers: u64, relays: u64, paths: u64) {
         core.take_effects();
     }
     let after = rss_kib(std::process::id());
+    let heap = heap_growth(&heap_before, &heap_now(), peers);
     let per_peer = (after.saturating_sub(before)) as f64 * 1024.0 / peers as f64;
     println!(
         "{}",
-        serde_json::json!({ "peers": peers, "relays": relays, "paths": paths, "state_bytes_per_peer": per_peer })
+        serde_json::json!({ "peers": peers, "relays": relays, "paths": paths, "state_bytes_per_peer": per_peer, "heap": heap })
     );
 }
 
@@ -413,9 +497,7 @@ async fn send(ws: &mut Ws, m: &impl serde::Serialize) {
 }
 
 async fn connect_relay(addr: SocketAddr, i: u64) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/relay"))
-        .await
-        .unwrap();
+    let mut ws = open_ws(addr, "/v1/relay").await;
     let key = seed(0xAA, i);
     let id = relay_id(i);
     send(
@@ -447,9 +529,7 @@ async fn connect_relay(addr: SocketAddr, i: u64) -> Ws {
 }
 
 async fn enroll_peer(addr: SocketAddr, i: u64, relays: u64, paths: u64) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/agent"))
-        .await
-        .unwrap();
+    let mut ws = open_ws(addr, "/v1/agent").await;
     let key = seed(0xBB, i);
     let id = format!("peer-{i:05}");
     send(
