@@ -69,6 +69,9 @@ pub enum StartError {
 /// What a connection's writer sends.
 enum Out {
     Text(String),
+    /// A page of the encoded relay map, shared by every connection it is queued on (not a
+    /// copy per agent: 10,000 agents times a map of 500 relays would be hundreds of MiB).
+    Page(Arc<Vec<String>>, usize),
     Pong(Box<[u8]>),
     Close(Box<ApiError>),
 }
@@ -78,6 +81,7 @@ impl Out {
     fn frame(&self) -> (u8, &[u8]) {
         match self {
             Out::Text(t) => (ws::TEXT, t.as_bytes()),
+            Out::Page(pages, i) => (ws::TEXT, pages.get(*i).map_or(&[], |p| p.as_bytes())),
             Out::Pong(p) => (ws::PONG, p),
             Out::Close(_) => (ws::CLOSE, &[]),
         }
@@ -247,8 +251,8 @@ impl Shared {
         }
         if let Some((pages, agents)) = map {
             for conn in agents {
-                for page in pages.iter() {
-                    self.send_text(conn, page.clone());
+                for i in 0..pages.len() {
+                    self.send_out(conn, Out::Page(pages.clone(), i));
                 }
             }
         }
@@ -1396,8 +1400,9 @@ async fn open(
                     Out::Text(api::encode(&BrokerMessage::Welcome(welcome))),
                     max,
                 );
-                for page in c.relay_map_encoded().iter().skip(1) {
-                    let _ = queue.push(Out::Text(page.clone()), max);
+                let pages = c.relay_map_encoded();
+                for i in 1..pages.len() {
+                    let _ = queue.push(Out::Page(pages.clone(), i), max);
                 }
                 shared.attach(conn, queue.clone());
                 c.agent_online(&h.peer_id, conn, h.auto_accept, now());
