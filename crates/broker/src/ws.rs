@@ -19,13 +19,12 @@
 //! pings through the caller, ignores pongs and ends on close. Client frames must be masked.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use axum::http::{header, HeaderMap};
 use base64::Engine;
 use sha1::{Digest, Sha1};
-use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Opcodes.
