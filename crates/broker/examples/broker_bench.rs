@@ -1,7 +1,9 @@
 //! Broker benchmark client (and its ceiling), driven by `bench/broker-connect.sh`.
 //!
-//! * `broker_bench config RELAYS` prints a broker config with RELAYS pre-registered relays and
-//!   limits raised for one client machine.
+//! * `broker_bench config RELAYS [TLS_DIR]` prints a broker config with RELAYS pre-registered
+//!   relays and limits raised for one client machine; with TLS_DIR, the broker serves TLS with
+//!   a self-signed certificate written there (`TLS_DIR/cert.pem`), and `run` with
+//!   `BROKER_BENCH_TLS_CERT=TLS_DIR/cert.pem` connects over `wss`.
 //! * `broker_bench echo-server` runs a bare axum WebSocket echo server (the ceiling) and
 //!   prints its address.
 //! * `broker_bench run BROKER_ADDR BROKER_PID PEERS RELAYS PATHS CONNECTS CONCURRENCY`
@@ -13,12 +15,18 @@
 //!   sans-I/O core: identity, registry entry, report in the selector), without sockets.
 //! * `broker_bench echo ECHO_ADDR REQUESTS CONCURRENCY` does the same request/answer loop
 //!   against the echo server with a message of a connect request's size.
+//! * `broker_bench serve CONFIG HEAP_FILE` runs the broker in this process (the same
+//!   `steelyard_broker::start` as `steelyard broker`) under a counting allocator, and keeps
+//!   HEAP_FILE up to date with its live heap: bytes, then a count of live blocks per size.
+//!   With `BROKER_BENCH_HEAP_FILE=HEAP_FILE`, `run` reads it next to the RSS and reports the
+//!   heap per peer and which block sizes grew by about one (or more) per peer: where a
+//!   connected peer's bytes go.
 //!
 //! Everything is bounded: counts come from the command line and every phase has a timeout.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,9 +39,108 @@ use steelyard_proto::api::{
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
+/// Counts live heap bytes and live blocks per size (the last slot counts larger blocks).
+/// Used by `serve` to see where a connected peer's bytes go; elsewhere it only adds two
+/// relaxed atomic operations per allocation.
+struct Counting;
+
+const SIZES: usize = 4097;
+static LIVE: AtomicI64 = AtomicI64::new(0);
+static BLOCKS: [AtomicI64; SIZES] = [const { AtomicI64::new(0) }; SIZES];
+
+#[allow(unsafe_code)]
+// SAFETY: every call is forwarded unchanged to the system allocator; only counters are added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc(layout);
+        if !p.is_null() {
+            count(layout.size(), 1);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: std::alloc::Layout) {
+        count(layout.size(), -1);
+        std::alloc::System.dealloc(p, layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let p = std::alloc::System.alloc_zeroed(layout);
+        if !p.is_null() {
+            count(layout.size(), 1);
+        }
+        p
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        let q = std::alloc::System.realloc(p, layout, new);
+        if !q.is_null() {
+            count(layout.size(), -1);
+            count(new, 1);
+        }
+        q
+    }
+}
+
+fn count(size: usize, n: i64) {
+    LIVE.fetch_add(n * size as i64, Ordering::Relaxed);
+    BLOCKS[size.min(SIZES - 1)].fetch_add(n, Ordering::Relaxed);
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
 const TOKEN: &str = "bench-enroll-token-0123456789";
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+/// A client connection: plain TCP, or TLS when `BROKER_BENCH_TLS_CERT` names the broker's
+/// certificate.
+trait ClientIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> ClientIo for T {}
+type Ws = tokio_tungstenite::WebSocketStream<Box<dyn ClientIo>>;
+
+/// The TLS client config trusting the broker's self-signed certificate, if the run is over TLS.
+fn tls_client() -> Option<&'static tokio_rustls::TlsConnector> {
+    static TLS: std::sync::OnceLock<Option<tokio_rustls::TlsConnector>> =
+        std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        use rustls::pki_types::pem::PemObject;
+        let path = std::env::var_os("BROKER_BENCH_TLS_CERT")?;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in
+            rustls::pki_types::CertificateDer::pem_file_iter(&path).expect("TLS certificate")
+        {
+            roots
+                .add(cert.expect("TLS certificate"))
+                .expect("TLS certificate");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
+    })
+    .as_ref()
+}
+
+/// A WebSocket to `path` on the broker, over TLS if the run is.
+async fn open_ws(addr: SocketAddr, path: &str) -> Ws {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the broker");
+    let (io, scheme): (Box<dyn ClientIo>, _) = match tls_client() {
+        Some(tls) => {
+            let name = "localhost".try_into().expect("a server name");
+            (
+                Box::new(tls.connect(name, tcp).await.expect("TLS handshake")),
+                "wss",
+            )
+        }
+        None => (Box::new(tcp), "ws"),
+    };
+    let (ws, _) = tokio_tungstenite::client_async(format!("{scheme}://localhost{path}"), io)
+        .await
+        .expect("WebSocket upgrade");
+    ws
+}
 
 fn seed(kind: u8, i: u64) -> SigningKey {
     let mut s = [kind; 32];
@@ -72,8 +179,11 @@ fn main() {
         .build()
         .expect("tokio runtime");
     match args.get(1).map(String::as_str) {
-        Some("config") => print_config(arg(&args, 2, "RELAYS")),
+        Some("config") => print_config(arg(&args, 2, "RELAYS"), args.get(3).map(Into::into)),
         Some("echo-server") => runtime.block_on(echo_server()),
+        Some("serve") => {
+            runtime.block_on(serve(arg(&args, 2, "CONFIG"), arg(&args, 3, "HEAP_FILE")))
+        }
         Some("run") => {
             let out = runtime.block_on(async {
                 tokio::time::timeout(
@@ -120,10 +230,31 @@ fn main() {
     }
 }
 
-fn print_config(relays: u64) {
+fn print_config(relays: u64, tls_dir: Option<std::path::PathBuf>) {
+    let listen = match tls_dir {
+        None => "listen_plain = true".to_owned(),
+        Some(dir) => {
+            // A self-signed certificate for localhost; the client trusts it by file.
+            let certified =
+                rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+            let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+            std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+            std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write the key");
+            format!(
+                "[tls]\ncert = \"{}\"\nkey = \"{}\"",
+                cert.display(),
+                key.display()
+            )
+        }
+    };
+    // Top-level keys first: a [tls] table ends them.
+    let (top, tls) = match listen.strip_prefix("[tls]") {
+        Some(_) => ("", listen.as_str()),
+        None => (listen.as_str(), ""),
+    };
     println!(
         r#"listen = "127.0.0.1:0"
-listen_plain = true
+{top}
 store = "memory"
 
 [[enroll_tokens]]
@@ -139,6 +270,8 @@ send_queue = 100000
 [schedule]
 interval_ms = 600000
 stale_after_ms = 3600000
+
+{tls}
 "#
     );
     for i in 0..relays {
@@ -175,6 +308,65 @@ async fn echo_server() {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     axum::serve(listener, app).await.unwrap();
+}
+
+/// The broker in this process, its live heap written to `heap_file` every 100 ms.
+async fn serve(config: std::path::PathBuf, heap_file: std::path::PathBuf) {
+    let mut config = steelyard_broker::BrokerConfig::load(&config).expect("broker config");
+    config.data_dir = heap_file.with_extension("data");
+    let broker = steelyard_broker::start(config).await.expect("broker start");
+    std::thread::spawn(move || loop {
+        let mut out = LIVE.load(Ordering::Relaxed).to_string();
+        for b in &BLOCKS {
+            out.push(' ');
+            out.push_str(&b.load(Ordering::Relaxed).to_string());
+        }
+        let tmp = heap_file.with_extension("tmp");
+        std::fs::write(&tmp, out).expect("heap file");
+        std::fs::rename(&tmp, &heap_file).expect("heap file");
+        std::thread::sleep(Duration::from_millis(100));
+    });
+    println!(
+        "broker (heap counted) listening on http://{}",
+        broker.local_addr()
+    );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    std::future::pending::<()>().await;
+}
+
+/// This process's live heap: bytes, and live blocks per size.
+fn heap_now() -> (i64, Vec<i64>) {
+    let blocks = BLOCKS.iter().map(|b| b.load(Ordering::Relaxed)).collect();
+    (LIVE.load(Ordering::Relaxed), blocks)
+}
+
+/// The live heap `serve` last wrote: bytes, and live blocks per size.
+fn heap(file: Option<&std::path::Path>) -> Option<(i64, Vec<i64>)> {
+    let text = std::fs::read_to_string(file?).ok()?;
+    let mut n = text.split(' ').map(|v| v.parse::<i64>().unwrap_or(0));
+    Some((n.next()?, n.collect()))
+}
+
+/// Heap growth per peer, and the block sizes that grew by at least half a block per peer.
+fn heap_growth(before: &(i64, Vec<i64>), after: &(i64, Vec<i64>), peers: u64) -> serde_json::Value {
+    let per_peer = (after.0 - before.0) as f64 / peers as f64;
+    let mut blocks: Vec<(usize, f64)> = before
+        .1
+        .iter()
+        .zip(&after.1)
+        .enumerate()
+        .map(|(size, (b, a))| (size, (a - b) as f64 / peers as f64))
+        .filter(|&(_, n)| n >= 0.5)
+        .collect();
+    blocks.sort_by(|x, y| (y.1 * y.0 as f64).total_cmp(&(x.1 * x.0 as f64)));
+    serde_json::json!({
+        "heap_bytes_per_peer": per_peer,
+        "blocks_per_peer": blocks.iter().map(|(size, n)| {
+            let size = if *size == SIZES - 1 { format!(">={size}") } else { size.to_string() };
+            format!("{n:.2} x {size} B")
+        }).collect::<Vec<_>>(),
+    })
 }
 
 /// RSS growth of this process while a core registers PEERS peers with PATHS-path reports.
@@ -260,6 +452,7 @@ fn state(peers: u64, relays: u64, paths: u64) {
     };
     // Warm the allocator with one peer's worth of transient inputs.
     drop(input(u64::MAX));
+    let heap_before = heap_now();
     let before = rss_kib(std::process::id());
     for i in 0..peers {
         let (hello, proof, report) = input(i);
@@ -270,10 +463,11 @@ fn state(peers: u64, relays: u64, paths: u64) {
         core.take_effects();
     }
     let after = rss_kib(std::process::id());
+    let heap = heap_growth(&heap_before, &heap_now(), peers);
     let per_peer = (after.saturating_sub(before)) as f64 * 1024.0 / peers as f64;
     println!(
         "{}",
-        serde_json::json!({ "peers": peers, "relays": relays, "paths": paths, "state_bytes_per_peer": per_peer })
+        serde_json::json!({ "peers": peers, "relays": relays, "paths": paths, "state_bytes_per_peer": per_peer, "heap": heap })
     );
 }
 
@@ -303,9 +497,7 @@ async fn send(ws: &mut Ws, m: &impl serde::Serialize) {
 }
 
 async fn connect_relay(addr: SocketAddr, i: u64) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/relay"))
-        .await
-        .unwrap();
+    let mut ws = open_ws(addr, "/v1/relay").await;
     let key = seed(0xAA, i);
     let id = relay_id(i);
     send(
@@ -337,9 +529,7 @@ async fn connect_relay(addr: SocketAddr, i: u64) -> Ws {
 }
 
 async fn enroll_peer(addr: SocketAddr, i: u64, relays: u64, paths: u64) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/agent"))
-        .await
-        .unwrap();
+    let mut ws = open_ws(addr, "/v1/agent").await;
     let key = seed(0xBB, i);
     let id = format!("peer-{i:05}");
     send(
@@ -451,6 +641,8 @@ async fn run(
         }
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    let heap_file = std::env::var_os("BROKER_BENCH_HEAP_FILE").map(std::path::PathBuf::from);
+    let heap_before = heap(heap_file.as_deref());
     let rss_before = rss_kib(pid);
     eprintln!("[bench] {relays} relays up; broker RSS {rss_before} KiB; enrolling {peers} peers");
 
@@ -497,6 +689,13 @@ async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_kib(pid);
     let per_peer = (rss_after.saturating_sub(rss_before)) as f64 * 1024.0 / peers as f64;
+    let heap = match (heap_before, heap(heap_file.as_deref())) {
+        (Some(b), Some(a)) => heap_growth(&b, &a, peers),
+        _ => serde_json::Value::Null,
+    };
+    if !heap.is_null() {
+        eprintln!("[bench] heap: {heap}");
+    }
     eprintln!("[bench] {peers} peers enrolled in {enroll_secs:.1} s; broker RSS {rss_after} KiB ({per_peer:.0} B/peer)");
 
     // Connects: CONCURRENCY initiators, one request in flight each.
@@ -565,6 +764,7 @@ async fn run(
         "p50_ms": percentile(&all, 0.50), "p99_ms": percentile(&all, 0.99), "max_ms": percentile(&all, 1.0),
         "offers_seen": offers.load(Ordering::Relaxed),
         "rss_before_kib": rss_before, "rss_after_kib": rss_after, "bytes_per_peer": per_peer,
+        "heap": heap,
         "enroll_seconds": enroll_secs, "total_seconds": started.elapsed().as_secs_f64(),
     });
     for t in relay_tasks {

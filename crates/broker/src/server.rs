@@ -28,7 +28,7 @@ use steelyard_proto::hex;
 use steelyard_proto::ticket::{SessionId, TicketSigner};
 use steelyard_select::{Policy, Timestamp};
 use steelyard_store::{MemoryStore, SessionRecord, SqliteStore, Store};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{BrokerConfig, StoreKind};
@@ -69,8 +69,23 @@ pub enum StartError {
 /// What a connection's writer sends.
 enum Out {
     Text(String),
+    /// A page of the encoded relay map, shared by every connection it is queued on (not a
+    /// copy per agent: 10,000 agents times a map of 500 relays would be hundreds of MiB).
+    Page(Arc<Vec<String>>, usize),
     Pong(Box<[u8]>),
     Close(Box<ApiError>),
+}
+
+impl Out {
+    /// The frame a text or pong becomes (a close is sent by [`close_with`]).
+    fn frame(&self) -> (u8, &[u8]) {
+        match self {
+            Out::Text(t) => (ws::TEXT, t.as_bytes()),
+            Out::Page(pages, i) => (ws::TEXT, pages.get(*i).map_or(&[], |p| p.as_bytes())),
+            Out::Pong(p) => (ws::PONG, p),
+            Out::Close(_) => (ws::CLOSE, &[]),
+        }
+    }
 }
 
 /// Why a message could not be queued.
@@ -85,53 +100,74 @@ enum QueueError {
 /// closed by the broker (slow consumer, close, shutdown) or by its task when the socket
 /// fails. It holds no allocation while empty: a tokio mpsc channel costs about 1.5 KiB per
 /// idle connection (cache-padded fields and a 32-slot block), a quarter of the broker's
-/// memory per connected peer.
+/// memory per connected peer. Its one consumer's waker is kept in it (a `Notify` and the
+/// future waiting on it cost more).
 #[derive(Default)]
 struct SendQueue {
-    state: Mutex<(std::collections::VecDeque<Out>, bool)>,
-    ready: Notify,
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    items: std::collections::VecDeque<Out>,
+    closed: bool,
+    /// The task to wake when a message arrives or the queue closes.
+    waker: Option<std::task::Waker>,
 }
 
 impl SendQueue {
     fn push(&self, out: Out, max: usize) -> Result<(), QueueError> {
         let mut s = lock(&self.state);
-        if s.1 {
+        if s.closed {
             return Err(QueueError::Closed);
         }
-        if s.0.len() >= max {
+        if s.items.len() >= max {
             return Err(QueueError::Full);
         }
-        s.0.push_back(out);
+        s.items.push_back(out);
+        let waker = s.waker.take();
         drop(s);
-        self.ready.notify_one();
+        if let Some(w) = waker {
+            w.wake();
+        }
         Ok(())
     }
 
     /// No more messages; the connection task ends after sending what is queued.
     fn close(&self) {
-        lock(&self.state).1 = true;
-        self.ready.notify_one();
+        let mut s = lock(&self.state);
+        s.closed = true;
+        let waker = s.waker.take();
+        drop(s);
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// The next message; `Ready(None)` once closed and drained. `Pending` registers the
+    /// caller's waker for the next push or close.
+    fn poll_pop(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Out>> {
+        let mut s = lock(&self.state);
+        if let Some(out) = s.items.pop_front() {
+            if s.items.is_empty() {
+                // Give the memory back (even 4 slots, 96 bytes, are a tenth of what a connected
+                // peer costs): an idle connection's queue holds no allocation.
+                s.items = Default::default();
+            }
+            return std::task::Poll::Ready(Some(out));
+        }
+        if s.closed {
+            return std::task::Poll::Ready(None);
+        }
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
+        std::task::Poll::Pending
     }
 
     /// The next message; `None` once closed and drained.
     async fn pop(&self) -> Option<Out> {
-        loop {
-            {
-                let mut s = lock(&self.state);
-                if let Some(out) = s.0.pop_front() {
-                    if s.0.is_empty() && s.0.capacity() > 4 {
-                        // A burst (the relay map) is over: give its memory back.
-                        s.0 = Default::default();
-                    }
-                    return Some(out);
-                }
-                if s.1 {
-                    return None;
-                }
-            }
-            // `notify_one` stores a permit when nobody waits, so no wake-up is lost here.
-            self.ready.notified().await;
-        }
+        std::future::poll_fn(|cx| self.poll_pop(cx)).await
     }
 }
 
@@ -215,8 +251,8 @@ impl Shared {
         }
         if let Some((pages, agents)) = map {
             for conn in agents {
-                for page in pages.iter() {
-                    self.send_text(conn, page.clone());
+                for i in 0..pages.len() {
+                    self.send_out(conn, Out::Page(pages.clone(), i));
                 }
             }
         }
@@ -1005,7 +1041,7 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) 
     shared.metrics.ws_accepted.fetch_add(1, Ordering::Relaxed);
     tokio::spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => run_socket(shared, split(upgraded), guard, role, slot).await,
+            Ok(upgraded) => run_socket(shared, take_io(upgraded), guard, role, slot).await,
             Err(e) => tracing::debug!(%addr, error = %e, "WebSocket upgrade failed"),
         }
     });
@@ -1020,31 +1056,89 @@ fn upgrade(shared: Arc<Shared>, addr: SocketAddr, mut req: Request, role: Role) 
         .into_response()
 }
 
-type ReadIo = Box<dyn tokio::io::AsyncRead + Send + Unpin>;
-type Sink = Box<dyn tokio::io::AsyncWrite + Send + Unpin>;
-type Stream = ws::Reader<ReadIo>;
+/// An upgraded connection, owned by its one task (which reads and writes it in turn, so it is
+/// not split). Plain TCP (the common case behind a TLS-terminating proxy, and the benchmark)
+/// and rustls TLS are taken back from hyper as they are; anything else stays hyper's.
+enum Io {
+    Tcp(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Other(Box<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>),
+}
 
-/// Splits an upgraded connection into its read and write halves. Plain TCP (the common case
-/// behind a TLS-terminating proxy, and the benchmark) is split without a lock between the
-/// halves; TLS streams share one.
-fn split(upgraded: hyper::upgrade::Upgraded) -> (ReadIo, Sink) {
+type Stream = ws::Reader<Io>;
+
+/// The connection hyper upgraded, and the bytes it read past the upgrade request.
+fn take_io(upgraded: hyper::upgrade::Upgraded) -> (Io, bytes::Bytes) {
     use hyper_util::rt::TokioIo;
-    use tokio::io::AsyncReadExt;
-    match upgraded.downcast::<TokioIo<tokio::net::TcpStream>>() {
-        Ok(parts) => {
-            let (read, write) = parts.io.into_inner().into_split();
-            // Bytes hyper read past the upgrade request come first.
-            let read: ReadIo = if parts.read_buf.is_empty() {
-                Box::new(read)
-            } else {
-                Box::new(std::io::Cursor::new(parts.read_buf).chain(read))
-            };
-            (read, Box::new(write))
+    use tokio::net::TcpStream;
+    use tokio_rustls::server::TlsStream;
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return (Io::Tcp(parts.io.into_inner()), parts.read_buf),
+        Err(u) => u,
+    };
+    match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+        Ok(parts) => (Io::Tls(Box::new(parts.io.into_inner())), parts.read_buf),
+        Err(u) => (Io::Other(Box::new(TokioIo::new(u))), bytes::Bytes::new()),
+    }
+}
+
+macro_rules! each_io {
+    ($self:ident, $io:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Tcp($io) => $e,
+            Io::Tls($io) => $e,
+            Io::Other($io) => $e,
         }
-        Err(upgraded) => {
-            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-            (Box::new(read), Box::new(write))
+    };
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+            Io::Other(io) => io.is_write_vectored(),
         }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        each_io!(self, io => std::pin::Pin::new(io).poll_shutdown(cx))
     }
 }
 
@@ -1053,53 +1147,86 @@ enum Hello {
     Relay(RelayHello),
 }
 
-/// Reads the next text message, handing pings to `pong`; `Err` carries the error to send
-/// before closing.
-async fn next_text(
+/// What a read means for the API: a text message, the end (`Ok(None)`), or the error to send
+/// before closing; `None` for a ping, which the caller answers.
+fn text_of(
+    read: Result<Option<ws::Incoming>, ws::ReadError>,
+) -> Option<Result<Option<String>, ApiError>> {
+    Some(match read {
+        Ok(None) | Err(ws::ReadError::Io(_)) => Ok(None),
+        Ok(Some(ws::Incoming::Text(t))) => Ok(Some(t)),
+        Ok(Some(ws::Incoming::Ping(_))) => return None,
+        Ok(Some(ws::Incoming::Binary)) => Err(ApiError::new(
+            ErrorCode::BadMessage,
+            "binary frames are not part of the API: send JSON text frames",
+        )),
+        Err(e @ ws::ReadError::TooLarge { .. }) => {
+            Err(ApiError::new(ErrorCode::TooLarge, e.to_string()))
+        }
+        Err(e) => Err(ApiError::new(ErrorCode::BadMessage, e.to_string())),
+    })
+}
+
+/// Polls for the next text message, handing pings to `pong`.
+fn poll_text(
     stream: &mut Stream,
+    cx: &mut std::task::Context<'_>,
     mut pong: impl FnMut(Box<[u8]>),
-) -> Result<Option<String>, ApiError> {
+) -> std::task::Poll<Result<Option<String>, ApiError>> {
     loop {
-        match stream.next().await {
-            Ok(None) | Err(ws::ReadError::Io(_)) => return Ok(None),
-            Ok(Some(ws::Incoming::Text(t))) => return Ok(Some(t)),
+        let read = std::task::ready!(stream.poll_next(cx));
+        match read {
             Ok(Some(ws::Incoming::Ping(p))) => pong(p),
-            Ok(Some(ws::Incoming::Binary)) => {
-                return Err(ApiError::new(
-                    ErrorCode::BadMessage,
-                    "binary frames are not part of the API: send JSON text frames",
-                ))
+            read => {
+                if let Some(text) = text_of(read) {
+                    return std::task::Poll::Ready(text);
+                }
             }
-            Err(e @ ws::ReadError::TooLarge { .. }) => {
-                return Err(ApiError::new(ErrorCode::TooLarge, e.to_string()))
-            }
-            Err(e) => return Err(ApiError::new(ErrorCode::BadMessage, e.to_string())),
         }
     }
 }
 
-async fn send_direct(sink: &mut Sink, message: &BrokerMessage) -> bool {
-    ws::write_frame(sink, ws::TEXT, api::encode(message).as_bytes())
+/// The next text message before authentication; pings are answered at once (RFC 6455 §5.5.2).
+async fn next_text_answering_pings(stream: &mut Stream) -> Result<Option<String>, ApiError> {
+    loop {
+        match stream.next().await {
+            Ok(Some(ws::Incoming::Ping(p))) => {
+                if ws::write_frame(stream.get_mut(), ws::PONG, &p)
+                    .await
+                    .is_err()
+                {
+                    return Ok(None);
+                }
+            }
+            read => {
+                if let Some(text) = text_of(read) {
+                    return text;
+                }
+            }
+        }
+    }
+}
+
+async fn send_direct(io: &mut Io, message: &BrokerMessage) -> bool {
+    ws::write_frame(io, ws::TEXT, api::encode(message).as_bytes())
         .await
         .is_ok()
 }
 
-async fn fail(shared: &Shared, sink: &mut Sink, error: ApiError) {
+async fn fail(shared: &Shared, io: &mut Io, error: ApiError) {
     shared.metrics.error(error.code);
-    let _ = send_direct(sink, &BrokerMessage::Error(error)).await;
-    let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
+    let _ = send_direct(io, &BrokerMessage::Error(error)).await;
+    let _ = ws::write_frame(io, ws::CLOSE, &[]).await;
 }
 
 /// Hello → challenge → auth. Returns the hello of an authenticated client.
 async fn handshake(
     shared: &Shared,
-    sink: &mut Sink,
     stream: &mut Stream,
     role: Role,
 ) -> Result<(Hello, bool), Option<ApiError>> {
     let max = shared.config.limits.max_message_bytes;
-    // Pings before authentication go unanswered: the client has seconds to authenticate.
-    let text = next_text(stream, drop).await?.ok_or(None)?;
+    let text = next_text_answering_pings(stream).await?.ok_or(None)?;
     let hello = match role {
         Role::Agent => match api::decode_agent(&text, max)? {
             AgentMessage::Hello(h) => Hello::Agent(h),
@@ -1112,7 +1239,7 @@ async fn handshake(
     };
     let nonce: [u8; NONCE_LEN] = random();
     if !send_direct(
-        sink,
+        stream.get_mut(),
         &BrokerMessage::Challenge(Challenge {
             nonce: hex::encode(&nonce),
         }),
@@ -1121,7 +1248,7 @@ async fn handshake(
     {
         return Err(None);
     }
-    let text = next_text(stream, drop).await?.ok_or(None)?;
+    let text = next_text_answering_pings(stream).await?.ok_or(None)?;
     let proof: AuthProof = match role {
         Role::Agent => match api::decode_agent(&text, max)? {
             AgentMessage::Auth(p) => p,
@@ -1146,18 +1273,24 @@ fn unauthenticated() -> ApiError {
     )
 }
 
+/// A connection's message rate limit: a token bucket refilled at `rate` per second up to
+/// `burst` (both from the config, not kept per connection).
 struct Bucket {
     tokens: f64,
-    rate: f64,
-    burst: f64,
     last: Instant,
 }
 
 impl Bucket {
-    fn take(&mut self) -> bool {
+    fn full(burst: f64) -> Self {
+        Self {
+            tokens: burst,
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self, rate: f64, burst: f64) -> bool {
         let now = Instant::now();
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * rate).min(burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -1174,7 +1307,7 @@ const PRE_AUTH_MAX_MESSAGE: usize = 8 * 1024;
 
 async fn run_socket(
     shared: Arc<Shared>,
-    io: (ReadIo, Sink),
+    io: (Io, bytes::Bytes),
     guard: UnauthGuard,
     role: Role,
     slot: OpenSlot,
@@ -1186,10 +1319,17 @@ async fn run_socket(
     }
 }
 
+/// What woke a connection's task.
+enum Event {
+    /// A message to send (`None`: the queue closed).
+    Out(Option<Out>),
+    /// A message received, the end, or the error to close with.
+    In(Result<Option<String>, ApiError>),
+}
+
 /// An authenticated connection: what its task keeps for as long as it is open.
 struct Connection {
     shared: Arc<Shared>,
-    sink: Sink,
     stream: Stream,
     conn: ConnId,
     queue: Arc<SendQueue>,
@@ -1203,7 +1343,7 @@ struct Connection {
 /// been told why).
 async fn open(
     shared: Arc<Shared>,
-    (read, mut sink): (ReadIo, Sink),
+    (io, read): (Io, bytes::Bytes),
     guard: UnauthGuard,
     role: Role,
     slot: OpenSlot,
@@ -1213,23 +1353,25 @@ async fn open(
     // error; larger ones end the connection.
     let hard = limits.max_message_bytes * 2;
     // Before authentication only a hello and an auth proof are expected: small messages.
-    let mut stream = ws::Reader::new(read, hard.min(PRE_AUTH_MAX_MESSAGE));
+    // Bytes hyper read past the upgrade request come first (copied: hyper's buffer is freed).
+    let mut stream = ws::Reader::with_read(io, hard.min(PRE_AUTH_MAX_MESSAGE), &read);
+    drop(read);
     let auth = tokio::time::timeout(
         Duration::from_secs(limits.auth_timeout_secs),
-        handshake(&shared, &mut sink, &mut stream, role),
+        handshake(&shared, &mut stream, role),
     )
     .await;
     let (hello, enrolled) = match auth {
         Ok(Ok(x)) => x,
         Ok(Err(Some(e))) => {
-            fail(&shared, &mut sink, e).await;
+            fail(&shared, stream.get_mut(), e).await;
             return None;
         }
         Ok(Err(None)) => return None,
         Err(_) => {
             fail(
                 &shared,
-                &mut sink,
+                stream.get_mut(),
                 ApiError::new(
                     ErrorCode::Unauthenticated,
                     format!("not authenticated within {} s", limits.auth_timeout_secs),
@@ -1258,8 +1400,9 @@ async fn open(
                     Out::Text(api::encode(&BrokerMessage::Welcome(welcome))),
                     max,
                 );
-                for page in c.relay_map_encoded().iter().skip(1) {
-                    let _ = queue.push(Out::Text(page.clone()), max);
+                let pages = c.relay_map_encoded();
+                for i in 1..pages.len() {
+                    let _ = queue.push(Out::Page(pages.clone(), i), max);
                 }
                 shared.attach(conn, queue.clone());
                 c.agent_online(&h.peer_id, conn, h.auto_accept, now());
@@ -1286,7 +1429,6 @@ async fn open(
     };
     Some(Connection {
         shared,
-        sink,
         stream,
         conn,
         queue,
@@ -1297,93 +1439,131 @@ async fn open(
 }
 
 impl Connection {
-    async fn serve(mut self) {
-        let shared = &*self.shared;
-        let (conn, role) = (self.conn, self.role);
-        let limits = &shared.config.limits;
-        let mut bucket = Bucket {
-            tokens: f64::from(limits.message_burst.max(1)),
-            rate: f64::from(limits.messages_per_sec),
-            burst: f64::from(limits.message_burst.max(1)),
-            last: Instant::now(),
-        };
-        // One task per connection: it waits on the send queue and the socket at once (both waits
-        // are cancellation-safe: `pop` checks the queue before it waits, and the reader keeps its
-        // partial frames in its own state). A write is finished before reading goes on.
-        let reader_ended = loop {
-            tokio::select! {
-                biased;
-                out = self.queue.pop() => {
-                    let Some(out) = out else {
-                        let _ = ws::write_frame(&mut self.sink, ws::CLOSE, &[]).await;
-                        break false;
-                    };
-                    if !write_out(&mut self.sink, out).await {
+    /// Not an `async fn`: its argument would be kept twice in the task (as the argument, and
+    /// moved into the body), and this future is what every open connection costs.
+    #[allow(clippy::manual_async_fn)]
+    fn serve(mut self) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            // The whole connection is kept (an async block captures only the fields it uses,
+            // and the open-connection slot must live as long as the task).
+            let this = &mut self;
+            let shared = &*this.shared;
+            let (conn, role) = (this.conn, this.role);
+            let limits = &shared.config.limits;
+            let (rate, burst) = (
+                f64::from(limits.messages_per_sec),
+                f64::from(limits.message_burst.max(1)),
+            );
+            let mut bucket = Bucket::full(burst);
+            // One task per connection: it waits on the send queue and the socket at once, in one
+            // poll (both are cancellation-safe: the queue's waker is replaced on each poll, and the
+            // reader keeps partial frames in its own state, nothing on the task). A write is
+            // finished before reading goes on.
+            let reader_ended = loop {
+                let event = std::future::poll_fn(|cx| {
+                    if let std::task::Poll::Ready(out) = this.queue.poll_pop(cx) {
+                        return std::task::Poll::Ready(Event::Out(out));
+                    }
+                    poll_text(&mut this.stream, cx, |p| {
+                        shared.send_out(conn, Out::Pong(p))
+                    })
+                    .map(Event::In)
+                })
+                .await;
+                match event {
+                    Event::Out(None) => {
+                        let _ = ws::write_frame(this.stream.get_mut(), ws::CLOSE, &[]).await;
                         break false;
                     }
-                }
-                text = next_text(&mut self.stream, |p| shared.send_out(conn, Out::Pong(p))) => {
-                    let text = match text {
-                        Ok(Some(t)) => t,
-                        Ok(None) => break true,
-                        Err(e) => {
-                            shared.metrics.error(e.code);
-                            shared.close(conn, e);
-                            break true;
+                    Event::Out(Some(Out::Close(e))) => {
+                        close_with(this.stream.get_mut(), e).await;
+                        break false;
+                    }
+                    Event::Out(Some(out)) => {
+                        let (opcode, payload) = out.frame();
+                        if ws::write_frame(this.stream.get_mut(), opcode, payload)
+                            .await
+                            .is_err()
+                        {
+                            break false;
                         }
-                    };
-                    shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
-                    if !bucket.take() {
-                        shared.send_error(conn, crate::core::rate_limited(&text, limits));
-                        continue;
                     }
-                    match role {
-                        Role::Agent => handle_agent(shared, conn, &self.id, &text),
-                        Role::Relay => handle_relay(shared, conn, &self.id, &text),
-                    }
-                }
-            }
-        };
-        lock(&shared.conns).remove(&conn);
-        self.queue.close();
-        match role {
-            Role::Agent => shared.with_core(|c| c.agent_offline(&self.id, conn, now())),
-            Role::Relay => shared.with_core(|c| c.relay_offline(&self.id, conn)),
-        }
-        // The client stopped: flush what is queued (a final error), then close, within a second.
-        // Boxed: rare, and a timer is large.
-        if reader_ended {
-            let flush = async {
-                while let Some(out) = self.queue.pop().await {
-                    if !write_out(&mut self.sink, out).await {
-                        return;
+                    Event::In(text) => {
+                        let text = match text {
+                            Ok(Some(t)) => t,
+                            Ok(None) => break true,
+                            Err(e) => {
+                                shared.metrics.error(e.code);
+                                shared.close(conn, e);
+                                break true;
+                            }
+                        };
+                        shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+                        if !bucket.take(rate, burst) {
+                            shared.send_error(conn, crate::core::rate_limited(&text, limits));
+                            continue;
+                        }
+                        match role {
+                            Role::Agent => handle_agent(shared, conn, &this.id, &text),
+                            Role::Relay => handle_relay(shared, conn, &this.id, &text),
+                        }
                     }
                 }
-                let _ = ws::write_frame(&mut self.sink, ws::CLOSE, &[]).await;
             };
-            let _ = Box::pin(tokio::time::timeout(Duration::from_secs(1), flush)).await;
+            lock(&shared.conns).remove(&conn);
+            this.queue.close();
+            match role {
+                Role::Agent => shared.with_core(|c| c.agent_offline(&this.id, conn, now())),
+                Role::Relay => shared.with_core(|c| c.relay_offline(&this.id, conn)),
+            }
+            if reader_ended {
+                flush(this.stream.get_mut(), &this.queue).await;
+            }
         }
     }
 }
 
+/// The client stopped: flush what is queued (a final error), then close, within a second.
+/// Boxed, and made outside the connection's future: rare, and a timer is large.
+fn flush<'a>(
+    io: &'a mut Io,
+    queue: &'a SendQueue,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        let flush = async {
+            while let Some(out) = queue.pop().await {
+                if !write_out(io, out).await {
+                    return;
+                }
+            }
+            let _ = ws::write_frame(io, ws::CLOSE, &[]).await;
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(1), flush).await;
+    })
+}
+
 /// Writes one queued message; `false` when the connection is done (a write failed, or a final
 /// error was sent and followed by a close frame).
-async fn write_out(sink: &mut Sink, out: Out) -> bool {
-    let written = match out {
-        Out::Text(t) => ws::write_frame(sink, ws::TEXT, t.as_bytes()).await,
-        Out::Pong(p) => ws::write_frame(sink, ws::PONG, &p).await,
-        Out::Close(e) => {
-            // Boxed: rare, and a message is large.
-            Box::pin(async {
-                if send_direct(sink, &BrokerMessage::Error(*e)).await {
-                    let _ = ws::write_frame(sink, ws::CLOSE, &[]).await;
-                }
-            })
-            .await;
-            return false;
+async fn write_out(sink: &mut Io, out: Out) -> bool {
+    if let Out::Close(e) = out {
+        close_with(sink, e).await;
+        return false;
+    }
+    let (opcode, payload) = out.frame();
+    ws::write_frame(sink, opcode, payload).await.is_ok()
+}
+
+/// Sends a final error and a close frame. Boxed, and made outside the caller's future: rare,
+/// and a message is large.
+fn close_with(
+    io: &mut Io,
+    error: Box<ApiError>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    Box::pin(async move {
+        if send_direct(io, &BrokerMessage::Error(*error)).await {
+            let _ = ws::write_frame(io, ws::CLOSE, &[]).await;
         }
-    };
-    written.is_ok()
+    })
 }
 
 fn handle_agent(shared: &Shared, conn: ConnId, peer: &str, text: &str) {
@@ -1529,9 +1709,16 @@ mod tests {
             assert_eq!(text(q.pop().await), Some(i.to_string()));
         }
         assert_eq!(
-            lock(&q.state).0.capacity(),
+            lock(&q.state).items.capacity(),
             0,
             "an idle queue holds no allocation after a burst"
+        );
+        q.push(Out::Text("one".into()), 10).ok().unwrap();
+        assert_eq!(text(q.pop().await).as_deref(), Some("one"));
+        assert_eq!(
+            lock(&q.state).items.capacity(),
+            0,
+            "an idle queue holds no allocation after one message"
         );
         q.push(Out::Text("last".into()), 10).ok().unwrap();
         q.close();

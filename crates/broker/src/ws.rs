@@ -6,25 +6,26 @@
 //! buffer of at least its configured size that grows to the largest message received, and a
 //! write buffer as large as the largest message sent. With a 50-path report in and a relay
 //! map page out, that was over half of the broker's memory per idle peer. Here nothing is kept
-//! between messages but a small read buffer; a message's bytes live while it is read or
-//! written.
+//! between messages, not even a read buffer (reads go to the stack); a message's bytes live
+//! while it is read or written.
 //!
 //! Reading is split in two: [`Decoder`], a sans-I/O state machine (bytes in, messages out,
 //! total over any input, memory bounded by the message limit), and [`Reader`], which feeds it
-//! from a socket and is cancellation-safe, so one task can wait on the socket and on its send
-//! queue at once.
+//! from a socket and is cancellation-safe (also as a plain poll), so one task can wait on the
+//! socket and on its send queue at once.
 //!
 //! What it does not do: extensions (no compression), subprotocols, the client role, sending
 //! fragmented messages. It receives text and binary messages (fragmented or not), answers
 //! pings through the caller, ignores pongs and ends on close. Client frames must be masked.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use axum::http::{header, HeaderMap};
 use base64::Engine;
-use bytes::{Buf, BufMut};
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Opcodes.
 pub const TEXT: u8 = 0x1;
@@ -35,9 +36,10 @@ pub const PING: u8 = 0x9;
 /// Pong.
 pub const PONG: u8 = 0xA;
 
-/// Bytes of the read buffer: a frame header and a small message (a connect request) arrive in
-/// one read; larger payloads are read straight into their own allocation.
-const READ_BUFFER: usize = 256;
+/// Bytes of a read into the stack: a frame header and a small message (a connect request)
+/// arrive in one read; larger payloads are read straight into their own allocation. Nothing
+/// of this stays allocated between reads.
+pub const READ_CHUNK: usize = 1024;
 
 /// Payloads up to this size are allocated at once when their header arrives; larger ones grow
 /// as their bytes arrive, by at most this much ahead of them.
@@ -373,7 +375,7 @@ impl Decoder {
         let State::Payload(frame) = &self.state else {
             return None;
         };
-        if frame.control.is_some() || frame.left <= READ_BUFFER as u64 {
+        if frame.control.is_some() || frame.left <= READ_CHUNK as u64 {
             return None;
         }
         let left = usize::try_from(frame.left).ok()?;
@@ -426,25 +428,39 @@ fn grow(bytes: &mut Vec<u8>, need: usize, end: usize) {
 
 /// Reads messages from a client; see the module docs. Cancellation-safe: [`Reader::next`] may
 /// be dropped at any await (e.g. in a `select!`) and called again without losing bytes.
+///
+/// No read buffer is kept while the connection is idle: each read goes into a buffer on the
+/// stack of the poll that makes it, and what the decoder did not take before a message
+/// completed (a client that sent more than one message at once) is kept in an allocation of
+/// its own until it is decoded.
 pub struct Reader<R> {
     io: R,
     decoder: Decoder,
-    /// Bytes read but not decoded yet: `buf[start..end]`.
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
+    /// Bytes read but not decoded yet (`rest[at..]`); `None` when there are none.
+    rest: Option<Box<[u8]>>,
+    at: usize,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
     /// A reader that refuses messages larger than `max` bytes.
     pub fn new(io: R, max: usize) -> Self {
+        Self::with_read(io, max, &[])
+    }
+
+    /// A reader whose first bytes are `read`, already taken from `io` (e.g. by the HTTP
+    /// server, past the upgrade request).
+    pub fn with_read(io: R, max: usize, read: &[u8]) -> Self {
         Self {
             io,
             decoder: Decoder::new(max),
-            buf: vec![0; READ_BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            rest: (!read.is_empty()).then(|| read.into()),
+            at: 0,
         }
+    }
+
+    /// The connection, to write to it between reads.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.io
     }
 
     /// Changes the message size limit (e.g. once the client has authenticated).
@@ -452,48 +468,81 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         self.decoder.set_max(max);
     }
 
-    /// Bytes the reader holds allocated now: its read buffer and the decoder's buffers.
+    /// Bytes the reader holds allocated now: bytes read ahead and the decoder's buffers.
     pub fn allocated(&self) -> usize {
-        self.buf.len() + self.decoder.allocated()
+        self.rest.as_ref().map_or(0, |r| r.len()) + self.decoder.allocated()
     }
 
     /// The next message; `None` when the client closed (close frame or end of stream).
     /// After an error the connection is out of step: close it.
     pub async fn next(&mut self) -> Result<Option<Incoming>, ReadError> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Reader::next`] as a poll: `Pending` keeps nothing but the decoder's state.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Incoming>, ReadError>> {
         loop {
-            // Also with nothing buffered: a payload read directly may have completed a frame.
-            loop {
-                let mut input = &self.buf[self.start..self.end];
-                let out = self.decoder.decode(&mut input);
-                self.start = self.end - input.len();
-                match out? {
-                    Some(Decoded::Message(m)) => return Ok(Some(m)),
-                    Some(Decoded::Close) => return Ok(None),
-                    None if self.start == self.end => break,
-                    None => {}
+            // Bytes read ahead first; with none, an empty input still completes a frame whose
+            // payload was read directly.
+            let out = match &self.rest {
+                Some(rest) => {
+                    let mut input = &rest[self.at..];
+                    let out = self.decoder.decode(&mut input);
+                    self.at = rest.len() - input.len();
+                    if input.is_empty() {
+                        (self.rest, self.at) = (None, 0);
+                    }
+                    out
                 }
+                None => self.decoder.decode(&mut &[][..]),
+            };
+            match out? {
+                Some(Decoded::Message(m)) => return Poll::Ready(Ok(Some(m))),
+                Some(Decoded::Close) => return Poll::Ready(Ok(None)),
+                None if self.rest.is_some() => continue,
+                None => {}
             }
             if matches!(self.decoder.state, State::Done) {
-                return Ok(None);
+                return Poll::Ready(Ok(None));
             }
             // Large payloads are read straight into their message: one copy, few reads.
             if let Some((bytes, left)) = self.decoder.direct() {
-                let got = self.io.read_buf(&mut bytes.limit(left)).await?;
+                let from = bytes.len();
+                // The room `direct` reserved, up to the payload's end (zeroed: no unsafe).
+                let room = (bytes.capacity() - from).min(left).max(1);
+                bytes.resize(from + room, 0);
+                let mut buf = ReadBuf::new(&mut bytes[from..]);
+                let polled = Pin::new(&mut self.io).poll_read(cx, &mut buf);
+                let got = buf.filled().len();
+                bytes.truncate(from + got);
+                ready!(polled)?;
                 if got == 0 {
-                    return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                    return Poll::Ready(Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()));
                 }
                 self.decoder.advance_direct(got);
                 continue;
             }
-            let n = self.io.read(&mut self.buf).await?;
-            if n == 0 {
-                return if self.decoder.at_boundary() {
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut buf = ReadBuf::new(&mut chunk);
+            ready!(Pin::new(&mut self.io).poll_read(cx, &mut buf))?;
+            let mut input = buf.filled();
+            if input.is_empty() {
+                return Poll::Ready(if self.decoder.at_boundary() {
                     Ok(None)
                 } else {
                     Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
-                };
+                });
             }
-            (self.start, self.end) = (0, n);
+            let out = self.decoder.decode(&mut input);
+            if !input.is_empty() && out.is_ok() {
+                // More than one message arrived at once: keep the rest for the next call.
+                self.rest = Some(input.into());
+            }
+            match out? {
+                Some(Decoded::Message(m)) => return Poll::Ready(Ok(Some(m))),
+                Some(Decoded::Close) => return Poll::Ready(Ok(None)),
+                None => {}
+            }
         }
     }
 }
@@ -506,12 +555,14 @@ fn unmask(bytes: &mut [u8], mask: [u8; 4], done: u64) {
     }
 }
 
-/// Writes one unfragmented, unmasked frame and flushes.
-pub async fn write_frame<W: AsyncWrite + Unpin>(
-    io: &mut W,
+/// Writes one unfragmented, unmasked frame and flushes. Header and payload go out in one
+/// vectored write where the connection supports it. A small hand-written future rather than
+/// `write_all_buf`: it sits in every connection's task while it writes.
+pub fn write_frame<'a, W: AsyncWrite + Unpin>(
+    io: &'a mut W,
     opcode: u8,
-    payload: &[u8],
-) -> io::Result<()> {
+    payload: &'a [u8],
+) -> WriteFrame<'a, W> {
     let mut head = [0u8; 10];
     head[0] = 0x80 | opcode;
     let n = match payload.len() {
@@ -530,9 +581,53 @@ pub async fn write_frame<W: AsyncWrite + Unpin>(
             10
         }
     };
-    let mut frame = Buf::chain(&head[..n], payload);
-    io.write_all_buf(&mut frame).await?;
-    io.flush().await
+    WriteFrame {
+        io,
+        head,
+        n,
+        payload,
+        sent: 0,
+    }
+}
+
+/// The future of [`write_frame`].
+pub struct WriteFrame<'a, W> {
+    io: &'a mut W,
+    head: [u8; 10],
+    /// Header bytes used.
+    n: u8,
+    payload: &'a [u8],
+    /// Frame bytes written so far.
+    sent: usize,
+}
+
+impl<W: AsyncWrite + Unpin> std::future::Future for WriteFrame<'_, W> {
+    type Output = io::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let n = usize::from(this.n);
+        let mut io = Pin::new(&mut *this.io);
+        while this.sent < n + this.payload.len() {
+            let sent = this.sent;
+            let wrote = if sent < n && io.is_write_vectored() {
+                let slices = [
+                    io::IoSlice::new(&this.head[sent..n]),
+                    io::IoSlice::new(this.payload),
+                ];
+                ready!(io.as_mut().poll_write_vectored(cx, &slices))?
+            } else if sent < n {
+                ready!(io.as_mut().poll_write(cx, &this.head[sent..n]))?
+            } else {
+                ready!(io.as_mut().poll_write(cx, &this.payload[sent - n..]))?
+            };
+            if wrote == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            this.sent += wrote;
+        }
+        io.poll_flush(cx)
+    }
 }
 
 #[cfg(test)]

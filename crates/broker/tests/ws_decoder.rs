@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 
 use futures_util::FutureExt;
 use proptest::prelude::*;
-use steelyard_broker::ws::{Decoded, Decoder, Incoming, ReadError, Reader};
+use steelyard_broker::ws::{Decoded, Decoder, Incoming, ReadError, Reader, READ_CHUNK};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// Largest control payload: buffered apart from the message, so allowed on top of the limit.
@@ -178,26 +178,31 @@ impl AsyncRead for Trickle {
 }
 
 /// Reads everything through a [`Reader`], dropping each `next()` the first time it is pending.
+/// The first `ahead` bytes are handed over as already read (as the HTTP server does with bytes
+/// it read past the upgrade request).
 fn read_cancelling(
     input: Vec<u8>,
     pieces: Vec<usize>,
     max: usize,
+    ahead: usize,
 ) -> (Vec<Incoming>, Result<(), String>) {
-    let mut reader = Reader::new(
+    let ahead = ahead.min(input.len());
+    let mut reader = Reader::with_read(
         Trickle {
-            input,
+            input: input[ahead..].to_vec(),
             at: 0,
             pieces,
             turn: 0,
             ready: false,
         },
         max,
+        &input[..ahead],
     );
     let mut out = Vec::new();
     loop {
         let Some(r) = reader.next().now_or_never() else {
             assert!(
-                reader.allocated() <= max + CONTROL + 256,
+                reader.allocated() <= max + CONTROL + READ_CHUNK.max(ahead),
                 "holds {}",
                 reader.allocated()
             );
@@ -286,9 +291,11 @@ proptest! {
         input in prop::collection::vec(any::<u8>(), 0..4096),
         pieces in prop::collection::vec(1..300usize, 1..8),
         max in 0..8192usize,
+        ahead in 0..4096usize,
     ) {
         decode_in_pieces(&input, &pieces, max);
-        let _ = read_cancelling(input, pieces, max);
+        let _ = read_cancelling(input.clone(), pieces.clone(), max, 0);
+        let _ = read_cancelling(input, pieces, max, ahead);
     }
 
     #[test]
@@ -296,6 +303,7 @@ proptest! {
         messages in prop::collection::vec((message(), prop::collection::vec(any::<usize>(), 0..4), len_form(), any::<[u8; 4]>()), 0..12),
         pieces in prop::collection::vec(1..600usize, 1..8),
         close in any::<bool>(),
+        ahead in any::<prop::sample::Index>(),
     ) {
         let mut input = Vec::new();
         let mut want = Vec::new();
@@ -323,7 +331,11 @@ proptest! {
             }
         }
         prop_assert_eq!(&got, &want);
-        let (read, end) = read_cancelling(input, pieces, max);
+        let (read, end) = read_cancelling(input.clone(), pieces.clone(), max, 0);
+        prop_assert_eq!(end, Ok(()));
+        prop_assert_eq!(&read, &want);
+        // Some bytes already read before the reader starts: the same messages.
+        let (read, end) = read_cancelling(input.clone(), pieces, max, ahead.index(input.len() + 1));
         prop_assert_eq!(end, Ok(()));
         prop_assert_eq!(read, want);
     }
@@ -354,12 +366,12 @@ proptest! {
             Decoded::Close => None,
         }).collect();
         prop_assert_eq!(&got, &want);
-        let (read, end) = read_cancelling(input.clone(), pieces.clone(), MAX);
+        let (read, end) = read_cancelling(input.clone(), pieces.clone(), MAX, 0);
         prop_assert!(end.as_ref().is_err_and(|e| e.contains(complaint)), "{bad:?}: {end:?}");
         prop_assert_eq!(&read, &want);
         // Cut anywhere inside the broken part: an error or a clean stop, never a message.
         let at = good + cut.index(tail.len());
-        let (read, _) = read_cancelling(input[..at].to_vec(), pieces, MAX);
+        let (read, _) = read_cancelling(input[..at].to_vec(), pieces, MAX, 0);
         prop_assert_eq!(read, want);
     }
 }

@@ -2,17 +2,17 @@
 //! fields, oversized frames, binary frames, messages before authentication, idle
 //! unauthenticated sockets, too many unauthenticated sockets from one address, and a flood of
 //! connects. Each gets a clear error (and a metric); nothing crashes; a well-behaved pair of
-//! agents keeps working throughout.
+//! agents keeps working throughout. Pings get pongs, before authentication too.
 
 mod broker_support;
 
 use std::time::Duration;
 
 use broker_support::*;
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ConnectRequest, ErrorCode, LoadReport, PathReport,
-    RelayMessage, TransportKind,
+    self, AgentHello, AgentMessage, AgentReport, BrokerMessage, ConnectRequest, ErrorCode,
+    LoadReport, PathReport, RelayMessage, Role, TransportKind, API_VERSION,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -219,4 +219,77 @@ auth_timeout_secs = 1
         "{metrics}"
     );
     broker.stop();
+}
+
+/// The next frame, which must be a pong (a text message first is returned as such).
+async fn next_pong_or_text(ws: &mut Ws) -> Result<Vec<u8>, BrokerMessage> {
+    let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("an answer within 5 s (well before the 10 s auth timeout)");
+    match next {
+        Some(Ok(Message::Pong(p))) => Ok(p.to_vec()),
+        Some(Ok(Message::Text(t))) => Err(api::decode_broker(&t, usize::MAX).unwrap()),
+        other => panic!("expected a pong, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pings_get_pongs_before_and_after_authentication() {
+    let dir = temp_dir("pings");
+    let broker = BrokerProcess::start(&dir, &base_config(&dir));
+    let addr = broker.addr;
+    // RFC 6455 §5.5.2: a ping gets a pong with its payload, whatever the state of the API.
+    let mut relay = ws(addr, "/v1/relay").await;
+    relay
+        .send(Message::Ping(b"r".to_vec().into()))
+        .await
+        .unwrap();
+    assert_eq!(next_pong_or_text(&mut relay).await.unwrap(), b"r");
+
+    let (k, id) = (key(1), "alice");
+    let mut alice = ws(addr, "/v1/agent").await;
+    alice
+        .send(Message::Ping(b"before hello".to_vec().into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_pong_or_text(&mut alice).await.unwrap(),
+        b"before hello"
+    );
+    send_json(
+        &mut alice,
+        &AgentMessage::Hello(AgentHello {
+            version: API_VERSION,
+            peer_id: id.into(),
+            public_key: api::public_key_hex(&k.verifying_key()),
+            enroll_token: Some(AGENT_TOKEN.into()),
+            auto_accept: false,
+        }),
+    )
+    .await;
+    alice
+        .send(Message::Ping(b"before auth".to_vec().into()))
+        .await
+        .unwrap();
+    let Err(BrokerMessage::Challenge(c)) = next_pong_or_text(&mut alice).await else {
+        panic!("the challenge comes first")
+    };
+    assert_eq!(next_pong_or_text(&mut alice).await.unwrap(), b"before auth");
+    // The handshake carries on as if nothing happened.
+    let proof = api::sign_auth(&k, Role::Agent, id, &c.nonce).unwrap();
+    send_json(&mut alice, &AgentMessage::Auth(proof)).await;
+    let Err(BrokerMessage::Welcome(_)) = next_pong_or_text(&mut alice).await else {
+        panic!("welcome expected")
+    };
+    alice
+        .send(Message::Ping(b"after auth".to_vec().into()))
+        .await
+        .unwrap();
+    loop {
+        // The rest of the relay map may come first.
+        if let Ok(p) = next_pong_or_text(&mut alice).await {
+            assert_eq!(p, b"after auth");
+            break;
+        }
+    }
 }
