@@ -157,7 +157,7 @@ print(f"| agent tunnel: local connect to first echoed byte, {count} sequential c
       f"{t['p50_ms'] / r['p50_ms']:.1f}× bare relay, {t['p50_ms'] / d['p50_ms']:.0f}× direct (p50) "
       f"| alice's agent (forward listener) → broker (offer to bob, bob accepts, answer) → both agents dial the relay → Noise KK handshake → byte → bob's agent → echo service and back; {fails}; broker rate_limited errors during the run: {limited}. "
       f"Bare relay: fresh ticket pair per connect, both sides dial at once, no broker, no encryption (the same relay process). "
-      f"Client `tunnel_load` (sequential, one connect at a time, {gap} ms pause after each on every path: the broker allows an agent 100 messages/s). 2 shared cores, load average {loadavg} at start (other builds were running) |")
+      f"Client `tunnel_load` (sequential, one connect at a time, {gap} ms pause after each on every path: the broker allows an agent 100 messages/s). 2 shared cores, load average {loadavg} at start |")
 print(f"| where a tunnel connect's time goes (median of {n} traced connects, tcpdump on lo) | "
       f"broker {med['broker']:.2f} ms ({share('broker'):.0f} %), bob's offer decision {med['bob']:.2f} ms ({share('bob'):.0f} %) "
       f"| relay dials + Noise handshake {med['relay']:.2f} ms ({share('relay'):.0f} %: dial and pairing {med['pair']:.2f} ms, "

@@ -71,5 +71,5 @@ for streams in (1, 16):
           f"On 2 shared cores every path is CPU-bound, so CPU s/GB is the steadier figure. "
           f"Rounds (Gbit/s): tunnel {tsp}, relay {rsp}, direct {dsp}. Tunnel = sender → alice's agent (the forward listener it runs for `steelyard connect`, which carries no bytes; Noise KK, ChaCha20-Poly1305, MAX_CHUNK = {chunk} bytes of plaintext per frame) "
           f"→ relay → bob's agent → receiver; bare relay = the same relay process, tickets signed by the client, no encryption. "
-          f"Client `tunnel_load throughput` (blocking thread per socket end, 128 KiB writes). 2 shared cores, load average {loadavg} at start (other builds were running) |")
+          f"Client `tunnel_load throughput` (blocking thread per socket end, 128 KiB writes). 2 shared cores, load average {loadavg} at start |")
 PY

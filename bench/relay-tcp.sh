@@ -129,5 +129,5 @@ for streams in (1, 64):
           f"{dcl/(rc+rcl):.2f}× direct by CPU. The client's sockets (direct, and both hops' client ends) use the system default ({sys_cc}); "
           f"direct with cubic on its sockets: {dc:.2f} Gbit/s (rounds {dcsp}, client CPU {dccl:.3f} s/GB), relay {r/dc:.2f}× that. Relay: {relay_desc}, {relay_thr} threads; HAProxy {hap_thr} threads "
           f"(system congestion control). "
-          f"2 shared cores, load average {loadavg} at start (other builds were running) |")
+          f"2 shared cores, load average {loadavg} at start |")
 PY

@@ -74,11 +74,13 @@ async fn recv_all(mut r: tokio::net::tcp::OwnedReadHalf) -> (u64, u64) {
     (total, h)
 }
 
+/// MiB moved each way at once: 1 GiB, as issue 3 asks (`STEELYARD_RELAY_TEST_MIB` changes it,
+/// e.g. a smaller figure while iterating).
 fn transfer_bytes() -> u64 {
     std::env::var("STEELYARD_RELAY_TEST_MIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(256)
+        .unwrap_or(1024)
         << 20
 }
 
