@@ -209,18 +209,30 @@ fn relay_behind_a_delayed_path_loses_on_rtt() {
     };
     let no_burst = ["--burst-packets", "0"];
     for peer in 0..2 {
-        let paths = measure(&net, peer, &no_burst);
-        let extra = metrics(&paths, "r2").rtt_ms - metrics(&paths, "r0").rtt_ms;
         // The truth is what the network does, measured independently right after: the user-space
-        // delay emulator adds its 40 ms and, on a loaded machine, a few more; never less.
-        let truth = ping_median_ms(&net, peer, "r2") - ping_median_ms(&net, peer, "r0");
-        assert!(
-            truth >= 38.0,
-            "the emulator added only {truth} ms, want ≥ 40"
-        );
+        // delay emulator adds its 40 ms and, on a loaded machine, a few more; never less. A
+        // load spike can hit the agent's train and not the ping after it (once: 67 ms against
+        // 40.7), so a disagreement is measured again, up to three times in all; an agent that
+        // measures wrong disagrees every time.
+        let mut attempts = Vec::new();
+        for _ in 0..3 {
+            let paths = measure(&net, peer, &no_burst);
+            let extra = metrics(&paths, "r2").rtt_ms - metrics(&paths, "r0").rtt_ms;
+            let truth = ping_median_ms(&net, peer, "r2") - ping_median_ms(&net, peer, "r0");
+            assert!(
+                truth >= 38.0,
+                "the emulator added only {truth} ms, want ≥ 40"
+            );
+            attempts.push((extra, truth));
+            if (extra - truth).abs() <= 5.0 {
+                break;
+            }
+        }
+        let (extra, truth) = *attempts.last().unwrap();
         assert!(
             (extra - truth).abs() <= 5.0,
-            "peer {peer}: r2 measured {extra} ms slower, ping says {truth} ms: want within 5 ms"
+            "peer {peer}: r2 measured slower by {attempts:?} ms (agent, ping) in three tries: \
+             want within 5 ms of ping (last: {extra} vs {truth})"
         );
     }
     let (a, b) = (measure(&net, 0, &no_burst), measure(&net, 1, &no_burst));
