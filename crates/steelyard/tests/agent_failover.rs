@@ -425,15 +425,6 @@ async fn a_failed_resume_reports_the_session_end_once() {
     );
 }
 
-/// The value of the sample `name` (exact, labels included) in `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_connects_is_paced_under_the_brokers_limits() {
     const TUNNELS: u32 = 40;
@@ -487,9 +478,7 @@ async fn a_burst_of_connects_is_paced_under_the_brokers_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
-    use steelyard_proto::api::{
-        AgentMessage, AgentReport, BrokerMessage, ConnectRequest, PathReport, TransportKind,
-    };
+    use steelyard_proto::api::{AgentMessage, ConnectRequest, PathReport, TransportKind};
     let sys = System::start("agent-withdrawn").await;
     let relay_metrics = |relay: &str| {
         sys.relay_http
@@ -505,30 +494,12 @@ async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
         let (mut carol, v) = agent(sys.addr, "carol", &carol_key, Some(AGENT_TOKEN), false).await;
         v.unwrap();
         let paths = ["r1", "r2"]
-            .iter()
             .map(|r| PathReport {
-                relay: (*r).into(),
                 rtt_ms: 1.0,
-                hops: 1,
-                loss: 0.0,
-                bandwidth_kbps: None,
-                tcp: true,
-                udp: true,
-                age_ms: 0,
+                ..path_report(r)
             })
-            .collect();
-        send_json(
-            &mut carol,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths,
-            }),
-        )
-        .await;
-        recv_where(&mut carol, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+            .into();
+        report_paths(&mut carol, paths).await;
         let before: Vec<f64> =
             futures_util::future::join_all(["r1", "r2"].map(|r| metric(relay_metrics(r), waiting)))
                 .await;

@@ -7,8 +7,8 @@ mod broker_support;
 
 use broker_support::*;
 use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, EndToEndReport, ErrorCode, LoadReport, OfferReply,
-    PathReport, RelayMessage, SessionEnded,
+    AgentMessage, BrokerMessage, EndToEndReport, ErrorCode, LoadReport, OfferReply, PathReport,
+    RelayMessage, SessionEnded,
 };
 use steelyard_proto::ticket::{Side, TicketVerifier};
 use steelyard_select::{
@@ -174,14 +174,7 @@ async fn connect_end_to_end() {
     v.unwrap();
 
     // B is known but has not reported yet: no common relay, and the broker asks it to report.
-    send_json(
-        &mut alice,
-        &AgentMessage::Report(AgentReport {
-            location: None,
-            paths: reports()[0].1.clone(),
-        }),
-    )
-    .await;
+    send_json(&mut alice, &agent_report(reports()[0].1.clone())).await;
     recv_where(&mut alice, |m| {
         matches!(m, BrokerMessage::ReportAccepted(r) if r.paths == 3).then_some(())
     })
@@ -194,18 +187,7 @@ async fn connect_end_to_end() {
     })
     .await;
 
-    send_json(
-        &mut bob,
-        &AgentMessage::Report(AgentReport {
-            location: None,
-            paths: reports()[1].1.clone(),
-        }),
-    )
-    .await;
-    recv_where(&mut bob, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
+    report_paths(&mut bob, reports()[1].1.clone()).await;
 
     // Explain says what the engine says, and changes nothing.
     let expected = expected_winner();
@@ -401,18 +383,7 @@ async fn auto_accept_answers_at_once_and_drain_moves_sessions() {
     let (mut bob, v) = agent(addr, "bob", &key(2), Some(AGENT_TOKEN), true).await;
     v.unwrap();
     for (ws, (_, paths)) in [&mut alice, &mut bob].into_iter().zip(reports()) {
-        send_json(
-            ws,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths,
-            }),
-        )
-        .await;
-        recv_where(ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+        report_paths(ws, paths).await;
     }
     let (status, _) = http(addr, "POST", "/v1/admin/relays/r2/drain", Some(ADMIN), None).await;
     assert_eq!(status, 200);

@@ -3,14 +3,10 @@
 
 mod broker_support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker_support::*;
-use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ErrorCode, LoadReport, OfferReply, PathReport,
-    RelayMessage, WithdrawReason,
-};
+use steelyard_proto::api::{AgentMessage, BrokerMessage, ErrorCode, OfferReply, WithdrawReason};
 
 fn config(dir: &std::path::Path, limits: &str) -> String {
     let mut config = base_config(dir);
@@ -27,46 +23,6 @@ max_sessions = 100000
         key_hex(100)
     ));
     config
-}
-
-async fn relay_up(addr: SocketAddr) -> Ws {
-    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
-    r1
-}
-
-async fn reported_agent(addr: SocketAddr, id: &str, n: u8, auto: bool) -> Ws {
-    let (mut ws, v) = agent(addr, id, &key(n), Some(AGENT_TOKEN), auto).await;
-    v.unwrap();
-    let report = AgentMessage::Report(AgentReport {
-        location: None,
-        paths: vec![PathReport {
-            relay: "r1".into(),
-            rtt_ms: 5.0,
-            hops: 1,
-            loss: 0.0,
-            bandwidth_kbps: None,
-            tcp: true,
-            udp: true,
-            age_ms: 0,
-        }],
-    });
-    send_json(&mut ws, &report).await;
-    recv_where(&mut ws, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
-    ws
-}
-
-/// The value of the sample `name` (exact, labels included) in `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
 }
 
 async fn answer_relay(ws: &mut Ws) -> String {

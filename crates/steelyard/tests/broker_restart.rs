@@ -5,23 +5,7 @@
 mod broker_support;
 
 use broker_support::*;
-use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ErrorCode, LoadReport, PathReport, RelayCapacity,
-    RelayMessage,
-};
-
-fn path(relay: &str) -> PathReport {
-    PathReport {
-        relay: relay.into(),
-        rtt_ms: 5.0,
-        hops: 1,
-        loss: 0.0,
-        bandwidth_kbps: None,
-        tcp: true,
-        udp: true,
-        age_ms: 0,
-    }
-}
+use steelyard_proto::api::{BrokerMessage, ErrorCode, LoadReport, RelayCapacity, RelayMessage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_everything_durable() {
@@ -52,9 +36,7 @@ async fn restart_keeps_everything_durable() {
     let (mut r9, v) = relay(addr, hello, &key(109)).await;
     assert!(v.unwrap().enrolled);
     send_json(&mut r9, &RelayMessage::Load(LoadReport::default())).await;
-    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
+    let r1 = relay_up(addr).await;
 
     // Agents, a report each, one session.
     let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), false).await;
@@ -63,18 +45,7 @@ async fn restart_keeps_everything_durable() {
     let (mut bob, v) = agent(addr, "bob", &key(2), Some(AGENT_TOKEN), true).await;
     v.unwrap();
     for ws in [&mut alice, &mut bob] {
-        send_json(
-            ws,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths: vec![path("r9")],
-            }),
-        )
-        .await;
-        recv_where(ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+        report_paths(ws, vec![path_report("r9")]).await;
     }
     send_connect(&mut alice, 1, "bob").await;
     let answer = recv_where(&mut alice, |m| match m {

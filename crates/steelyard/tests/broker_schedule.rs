@@ -7,9 +7,7 @@ mod broker_support;
 use std::time::{Duration, Instant};
 
 use broker_support::*;
-use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, LoadReport, PathReport, RelayMessage,
-};
+use steelyard_proto::api::BrokerMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_agents_are_asked_then_expire() {
@@ -36,36 +34,14 @@ relay_timeout_secs = 30
     ));
     let broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;
-    let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut relay_ws, &RelayMessage::Load(LoadReport::default())).await;
+    let _relay_ws = relay_up(addr).await;
 
     let mut agents = Vec::new();
     for (i, id) in ["alice", "bob"].iter().enumerate() {
         let (mut ws, v) = agent(addr, id, &key(1 + i as u8), Some(AGENT_TOKEN), true).await;
         let w = v.unwrap();
         assert_eq!((w.schedule.interval_ms, w.schedule.jitter_ms), (400, 100));
-        send_json(
-            &mut ws,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths: vec![PathReport {
-                    relay: "r1".into(),
-                    rtt_ms: 5.0,
-                    hops: 1,
-                    loss: 0.0,
-                    bandwidth_kbps: None,
-                    tcp: true,
-                    udp: true,
-                    age_ms: 0,
-                }],
-            }),
-        )
-        .await;
-        recv_where(&mut ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+        report_paths(&mut ws, vec![path_report("r1")]).await;
         agents.push(ws);
     }
     let reported = Instant::now();
