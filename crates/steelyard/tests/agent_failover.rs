@@ -33,12 +33,14 @@ use steelyard_agent::daemon::open_via_agent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Starts `steelyard <args>` logging at `$FAILOVER_LOG` (default `warn`).
+/// The processes' log level: `$FAILOVER_LOG` (default `warn`).
+fn log() -> String {
+    std::env::var("FAILOVER_LOG").unwrap_or("warn".into())
+}
+
+/// Starts `steelyard <args>` logging at [`log`].
 fn start(args: &[&str]) -> (Proc, String) {
-    start_logging(
-        args,
-        &std::env::var("FAILOVER_LOG").unwrap_or("warn".into()),
-    )
+    start_logging(args, &log())
 }
 
 /// A broker config on a fixed port (so a restarted broker is found at the same URL) with a
@@ -74,27 +76,6 @@ fn start_relay(dir: &Path, id: &str, broker: SocketAddr, ticket_key: &str) -> (P
     let (proc, line) = start(&["relay", "--config", path.to_str().unwrap()]);
     assert!(line.starts_with("relay listening"), "{line}");
     (proc, http)
-}
-
-/// Starts agent `peer`; returns it and its control address.
-fn start_agent(dir: &Path, broker: SocketAddr, peer: &str, extra: &str) -> (Proc, SocketAddr) {
-    let control = free_port();
-    let path = dir.join(format!("{peer}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
-             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
-            dir.join(format!("{peer}.key")).display()
-        ),
-    )
-    .unwrap();
-    let (proc, line) = start(&["agent", "--config", path.to_str().unwrap()]);
-    assert!(
-        line.starts_with(&format!("agent {peer} control=")),
-        "{line}"
-    );
-    (proc, format!("127.0.0.1:{control}").parse().unwrap())
 }
 
 fn payload(len: usize, seed: u32) -> Vec<u8> {
@@ -153,14 +134,15 @@ impl System {
             relay_http.push((id.to_owned(), http));
         }
         let echo = echo_service().await;
-        let (a, alice) = start_agent(&dir, broker.addr, "alice", agent_extra);
-        let (b, _) = start_agent(
+        let (a, alice) = start_agent_logging(&dir, broker.addr, "alice", agent_extra, &log());
+        let (b, _) = start_agent_logging(
             &dir,
             broker.addr,
             "bob",
             &format!(
                 "{agent_extra}\n[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\", \"carol\"]\n"
             ),
+            &log(),
         );
         let sys = System {
             addr: broker.addr,
