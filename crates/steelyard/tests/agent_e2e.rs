@@ -266,14 +266,7 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     // The sessions end at the broker with the bytes and alice's end-to-end RTT.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, s) = http_json(
-            addr,
-            "GET",
-            "/v1/admin/sessions?limit=1000",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(addr, "/v1/admin/sessions?limit=1000").await;
         let ended = s["history"]
             .as_array()
             .map(|h| {

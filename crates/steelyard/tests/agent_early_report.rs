@@ -55,14 +55,7 @@ async fn delaying_proxy(relay: SocketAddr, delay_ms: Arc<AtomicU64>) -> SocketAd
 
 /// The RTT of the broker's best alice → bob path (both legs), if it can decide.
 async fn path_rtt(broker: SocketAddr) -> Option<f64> {
-    let (status, d) = http_json(
-        broker,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, d) = admin_get_json(broker, "/v1/explain?from=alice&to=bob").await;
     (status == 200)
         .then(|| d["ranked"][0]["path"]["rtt_ms"].as_f64())
         .flatten()

@@ -157,7 +157,7 @@ impl System {
         // Both agents must have reported both relays before the broker can pick either.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (_, peers) = http_json(sys.addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+            let (_, peers) = admin_get_json(sys.addr, "/v1/admin/peers").await;
             let ok = |p: &str| {
                 peers["peers"].as_array().is_some_and(|a| {
                     a.iter()
@@ -287,14 +287,7 @@ async fn relay_killed_under_a_live_transfer() {
     // The broker recorded the resumed stream's session on the surviving relay.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, s) = http_json(
-            sys.addr,
-            "GET",
-            "/v1/admin/sessions?limit=100",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions?limit=100").await;
         let carried = s["history"].as_array().is_some_and(|h| {
             h.iter().any(|r| {
                 r["state"] == "ended"
@@ -353,7 +346,7 @@ async fn a_failed_resume_reports_the_session_end_once() {
     let (mut live, _) = sys.open(Duration::from_secs(30)).await;
     assert_eq!(echo_all(&mut live, b"hello").await, b"hello");
     let session = {
-        let (_, s) = http_json(sys.addr, "GET", "/v1/admin/sessions", Some(ADMIN), None).await;
+        let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions").await;
         s["live"][0]["id"]
             .as_str()
             .unwrap_or_else(|| panic!("no live session: {s}"))
@@ -378,14 +371,7 @@ async fn a_failed_resume_reports_the_session_end_once() {
     // `bad_message` at once).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, s) = http_json(
-            sys.addr,
-            "GET",
-            "/v1/admin/sessions?limit=100",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions?limit=100").await;
         let done = s["history"].as_array().is_some_and(|h| {
             h.iter()
                 .any(|r| r["id"] == session.as_str() && r["state"] == "ended")
@@ -501,14 +487,7 @@ async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
         let deadline = Instant::now() + Duration::from_secs(10);
         // This attempt's session: carol's newest (history is newest first), once it settled.
         let session = loop {
-            let (_, s) = http_json(
-                sys.addr,
-                "GET",
-                "/v1/admin/sessions?limit=100",
-                Some(ADMIN),
-                None,
-            )
-            .await;
+            let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions?limit=100").await;
             let carols: Vec<_> = s["history"]
                 .as_array()
                 .map(|h| h.iter().filter(|r| r["from"] == "carol").cloned().collect())

@@ -25,15 +25,6 @@ max_sessions = 100000
     config
 }
 
-async fn answer_relay(ws: &mut Ws) -> String {
-    recv_where(ws, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.relay_id.clone()),
-        BrokerMessage::Error(e) => panic!("expected an answer, got {e}"),
-        _ => None,
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn total_connection_limit_refuses_upgrades_with_503_and_spares_connected_agents() {
     let dir = temp_dir("conn-limit");
@@ -72,7 +63,7 @@ async fn total_connection_limit_refuses_upgrades_with_503_and_spares_connected_a
     );
     // Connected agents are unaffected: Alice still gets relays for Bob.
     send_connect(&mut alice, 7, "bob").await;
-    assert_eq!(answer_relay(&mut alice).await, "r1");
+    assert_eq!(recv_answer(&mut alice).await.relay_id, "r1");
 
     // A closed socket frees its slot.
     drop(unauthenticated);
@@ -106,7 +97,7 @@ async fn unanswered_offers_are_withdrawn_from_b_and_latencies_are_counted() {
 
     // An auto-accepted connect is answered at once and counted.
     send_connect(&mut alice, 1, "carol").await;
-    answer_relay(&mut alice).await;
+    recv_answer(&mut alice).await;
     assert_eq!(metric(addr, count).await, 1.0);
     assert_eq!(
         metric(
@@ -161,7 +152,7 @@ async fn unanswered_offers_are_withdrawn_from_b_and_latencies_are_counted() {
         }),
     )
     .await;
-    answer_relay(&mut alice).await;
+    recv_answer(&mut alice).await;
     assert_eq!(metric(addr, round_trips).await, 1.0);
     assert_eq!(metric(addr, count).await, 2.0);
 

@@ -128,7 +128,7 @@ async fn an_acceptor_going_offline_fails_its_pending_offers_at_once() {
         "{e}"
     );
     assert_eq!(metric(addr, "steelyard_broker_pending_offers").await, 0.0);
-    let (_, peers) = http_json(addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+    let (_, peers) = admin_get_json(addr, "/v1/admin/peers").await;
     let a = peers["peers"]
         .as_array()
         .unwrap()
@@ -172,14 +172,7 @@ async fn explain_shows_the_figures_as_reported() {
     let _r1 = relay_up(addr).await;
     let _alice = agent_reporting(addr, "alice", 1, 5.3, 0.05).await;
     let _bob = agent_reporting(addr, "bob", 2, 2.1, 0.0).await;
-    let (status, body) = http(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, body) = admin_get(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 200, "{body}");
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
     let path = &d["ranked"][0]["path"];

@@ -5,7 +5,7 @@
 mod broker_support;
 
 use broker_support::*;
-use steelyard_proto::api::{BrokerMessage, ErrorCode, LoadReport, RelayCapacity, RelayMessage};
+use steelyard_proto::api::{ErrorCode, LoadReport, RelayCapacity, RelayMessage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_everything_durable() {
@@ -48,16 +48,11 @@ async fn restart_keeps_everything_durable() {
         report_paths(ws, vec![path_report("r9")]).await;
     }
     send_connect(&mut alice, 1, "bob").await;
-    let answer = recv_where(&mut alice, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
-        BrokerMessage::Error(e) => panic!("{e}"),
-        _ => None,
-    })
-    .await;
+    let answer = recv_answer(&mut alice).await;
     assert_eq!(answer.relay_id, "r9");
 
     // A policy change and a drain through the admin API.
-    let (status, mut policy) = http_json(addr, "GET", "/v1/admin/policy", Some(ADMIN), None).await;
+    let (status, mut policy) = admin_get_json(addr, "/v1/admin/policy").await;
     assert_eq!(status, 200);
     policy["weights"]["load"] = serde_json::json!(33.0);
     let (status, body) = http_json(
@@ -125,7 +120,7 @@ async fn restart_keeps_everything_durable() {
     let (_, v) = relay(addr, relay_hello("r9", 109), &key(109)).await;
     assert!(!v.unwrap().enrolled, "the enrolled relay survives");
 
-    let (_, relays) = http_json(addr, "GET", "/v1/admin/relays", Some(ADMIN), None).await;
+    let (_, relays) = admin_get_json(addr, "/v1/admin/relays").await;
     let list = relays["relays"].as_array().unwrap();
     assert_eq!(list.len(), 2);
     assert_eq!(list[0]["id"], "r1");
@@ -134,10 +129,10 @@ async fn restart_keeps_everything_durable() {
     assert_eq!(list[1]["tcp_addr"], "127.0.0.1:7999");
     assert_eq!(list[1]["max_sessions"], 50);
 
-    let (_, policy) = http_json(addr, "GET", "/v1/admin/policy", Some(ADMIN), None).await;
+    let (_, policy) = admin_get_json(addr, "/v1/admin/policy").await;
     assert_eq!(policy["weights"]["load"], 33.0);
 
-    let (_, sessions) = http_json(addr, "GET", "/v1/admin/sessions", Some(ADMIN), None).await;
+    let (_, sessions) = admin_get_json(addr, "/v1/admin/sessions").await;
     let history = sessions["history"].as_array().unwrap();
     assert!(
         history

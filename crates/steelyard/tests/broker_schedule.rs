@@ -45,14 +45,7 @@ relay_timeout_secs = 30
         agents.push(ws);
     }
     let reported = Instant::now();
-    let (status, _) = http(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, _) = admin_get(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 200);
 
     // Both go silent: the broker asks for a report once it is stale (after ~1 s), not before.
@@ -70,14 +63,7 @@ relay_timeout_secs = 30
 
     // After path_expire_secs the paths are no longer candidates.
     tokio::time::sleep(Duration::from_millis(2_300).saturating_sub(reported.elapsed())).await;
-    let (status, body) = http_json(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, body) = admin_get_json(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["code"], "no_common_relay");
     assert!(
@@ -88,7 +74,7 @@ relay_timeout_secs = 30
         "{body}"
     );
 
-    let (_, peers) = http_json(addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+    let (_, peers) = admin_get_json(addr, "/v1/admin/peers").await;
     assert!(peers["peers"][0]["report_age_ms"].as_u64().unwrap() >= 2_000);
     let (_, metrics) = http(addr, "GET", "/metrics", None, None).await;
     assert!(

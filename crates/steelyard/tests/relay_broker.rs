@@ -101,7 +101,7 @@ async fn wait_relay(
     let start = Instant::now();
     let mut last = serde_json::Value::Null;
     while start.elapsed() < within {
-        let (status, body) = http_json(broker, "GET", "/v1/admin/relays", Some(ADMIN), None).await;
+        let (status, body) = admin_get_json(broker, "/v1/admin/relays").await;
         assert_eq!(status, 200, "{body}");
         if let Some(r) = body["relays"]
             .as_array()
@@ -158,12 +158,7 @@ async fn broker_session(
         serde_json::json!({"type": "connect", "request_id": 1, "to": to}),
     )
     .await;
-    let answer = recv_where(&mut a, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
-        BrokerMessage::Error(e) => panic!("connect refused: {e}"),
-        _ => None,
-    })
-    .await;
+    let answer = recv_answer(&mut a).await;
     let offer = recv_where(&mut b, |m| match m {
         BrokerMessage::Offer(o) => Some(o.clone()),
         _ => None,

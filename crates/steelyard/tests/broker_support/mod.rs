@@ -189,6 +189,16 @@ pub async fn http_json(
     (status, value)
 }
 
+/// `GET path` with the admin token: the status and the body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, Some(ADMIN), None).await
+}
+
+/// [`admin_get`] with the body parsed as JSON.
+pub async fn admin_get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    http_json(addr, "GET", path, Some(ADMIN), None).await
+}
+
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -264,6 +274,16 @@ pub async fn recv_where<T>(ws: &mut Ws, mut pick: impl FnMut(&BrokerMessage) -> 
             return x;
         }
     }
+}
+
+/// The next connect answer (other messages skipped); an error message instead panics.
+pub async fn recv_answer(ws: &mut Ws) -> api::ConnectAnswer {
+    recv_where(ws, |m| match m {
+        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
+        BrokerMessage::Error(e) => panic!("expected a connect answer, got {e}"),
+        _ => None,
+    })
+    .await
 }
 
 /// Hello → challenge → auth as an agent. Returns the socket and the broker's verdict
