@@ -41,23 +41,15 @@ async fn still_works(alice: &mut Ws, request_id: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_clear_errors_and_harms_nobody() {
     let dir = temp_dir("hostile");
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        r#"
-[[relays]]
-id = "r1"
-public_key = "{}"
-max_sessions = 100000
-
+    let config = r1_config(&dir, 100_000)
+        + r#"
 [limits]
 max_message_bytes = 4096
 messages_per_sec = 20
 message_burst = 20
 max_unauthenticated_per_ip = 8
 auth_timeout_secs = 1
-"#,
-        key_hex(100)
-    ));
+"#;
     let mut broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;
     let _r1 = relay_up(addr).await;

@@ -9,20 +9,7 @@ use broker_support::*;
 use steelyard_proto::api::{AgentMessage, BrokerMessage, ErrorCode, OfferReply, WithdrawReason};
 
 fn config(dir: &std::path::Path, limits: &str) -> String {
-    let mut config = base_config(dir);
-    config.push_str(&format!(
-        r#"
-[[relays]]
-id = "r1"
-public_key = "{}"
-max_sessions = 100000
-
-[limits]
-{limits}
-"#,
-        key_hex(100)
-    ));
-    config
+    r1_config(dir, 100_000) + &format!("\n[limits]\n{limits}\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

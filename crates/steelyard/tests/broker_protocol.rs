@@ -18,11 +18,7 @@ use steelyard_proto::api::{
 };
 
 fn config(dir: &std::path::Path, limits: &str) -> String {
-    base_config(dir)
-        + &format!(
-            "\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = 1000\n\n[limits]\n{limits}\n",
-            key_hex(100)
-        )
+    r1_config(dir, 1000) + &format!("\n[limits]\n{limits}\n")
 }
 
 /// An agent (not auto-accepting) that reported r1 with `rtt_ms` and `loss`.

@@ -10,16 +10,8 @@ use steelyard_proto::api::{ErrorCode, LoadReport, RelayCapacity, RelayMessage};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_everything_durable() {
     let dir = temp_dir("restart");
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        "store = \"sqlite\"\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = 10\n",
-        key_hex(100)
-    ));
     // `store` must precede the tables; put it at the top.
-    let config = format!(
-        "store = \"sqlite\"\n{}",
-        config.replace("store = \"sqlite\"\n", "")
-    );
+    let config = format!("store = \"sqlite\"\n{}", r1_config(&dir, 10));
 
     let broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;

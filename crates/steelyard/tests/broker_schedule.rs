@@ -12,14 +12,8 @@ use steelyard_proto::api::BrokerMessage;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_agents_are_asked_then_expire() {
     let dir = temp_dir("schedule");
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        r#"
-[[relays]]
-id = "r1"
-public_key = "{}"
-max_sessions = 10
-
+    let config = r1_config(&dir, 10)
+        + r#"
 [schedule]
 interval_ms = 400
 jitter_ms = 100
@@ -29,9 +23,7 @@ stale_after_ms = 1000
 path_fresh_secs = 1
 path_expire_secs = 2
 relay_timeout_secs = 30
-"#,
-        key_hex(100)
-    ));
+"#;
     let broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;
     let _relay_ws = relay_up(addr).await;

@@ -65,6 +65,15 @@ role = "relay"
     )
 }
 
+/// [`base_config`] with relay r1 configured (key 100, no addresses) taking `max_sessions`.
+pub fn r1_config(dir: &Path, max_sessions: u32) -> String {
+    base_config(dir)
+        + &format!(
+            "\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = {max_sessions}\n",
+            key_hex(100)
+        )
+}
+
 /// A running `steelyard broker` process.
 pub struct BrokerProcess {
     child: Child,
