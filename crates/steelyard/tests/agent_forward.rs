@@ -14,7 +14,7 @@
 mod broker_support;
 
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use broker_support::*;
@@ -57,15 +57,9 @@ async fn echo_on(s: &mut TcpStream, chunk: &[u8]) -> bool {
     wr.is_ok() && rd.is_ok() && back == chunk
 }
 
-/// Runs `steelyard connect` expecting it to fail: its exit status and stderr.
-fn connect_fails(args: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
-        .arg("connect")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Waits at most 20 s for `child` (stderr piped) to exit; its exit status and stderr. Kills it
+/// and panics with `late` when it still runs.
+async fn exit_and_stderr(child: &mut Child, late: &str) -> (ExitStatus, String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -73,12 +67,29 @@ fn connect_fails(args: &[&str]) -> String {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("steelyard connect {args:?} was expected to fail but still runs after 20 s");
+            panic!("{late}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
+/// Runs `steelyard connect` expecting it to fail: its stderr.
+async fn connect_fails(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .arg("connect")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, err) = exit_and_stderr(
+        &mut child,
+        &format!("steelyard connect {args:?} was expected to fail but still runs after 20 s"),
+    )
+    .await;
     assert!(!status.success(), "steelyard connect {args:?} succeeded");
     err
 }
@@ -193,14 +204,15 @@ async fn forwards_run_in_the_agent() {
         &format!("0.0.0.0:{}", free_port()),
         "--control",
         &ctl,
-    ]);
+    ])
+    .await;
     assert!(
         err.contains("is not a loopback address") && err.contains("allow_remote_forwards"),
         "{err}"
     );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
-    let err = connect_fails(&["bob", "echo", "--listen", &taken_addr, "--control", &ctl]);
+    let err = connect_fails(&["bob", "echo", "--listen", &taken_addr, "--control", &ctl]).await;
     assert!(
         err.contains(&format!("cannot listen on {taken_addr}")) && err.contains("pick a free port"),
         "{err}"
@@ -259,19 +271,11 @@ async fn forwards_run_in_the_agent() {
     .unwrap();
     assert!(line.contains("listening=127.0.0.1:"), "{line}");
     drop(alice); // kill + wait
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("steelyard connect still runs 20 s after its agent was killed");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = exit_and_stderr(
+        &mut child,
+        "steelyard connect still runs 20 s after its agent was killed",
+    )
+    .await;
     assert!(!status.success(), "{err}");
     assert!(err.contains("ended the forward"), "{err}");
 
