@@ -487,23 +487,17 @@ fn broker_flags_need_a_broker_url() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--broker-url"), "{err}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_steelyard"))
-        .args(["relay", "--relay-id", "r1", "--broker-key"])
-        .arg("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
-        .args([
-            "--broker-url",
-            "ws://127.0.0.1:9/v1/relay",
-            "--print-config",
-        ])
-        .env("STEELYARD_RELAY_ENROLL_TOKEN", "secret-token")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let shown = stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_steelyard"))
+            .args(["relay", "--relay-id", "r1", "--broker-key"])
+            .arg("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+            .args([
+                "--broker-url",
+                "ws://127.0.0.1:9/v1/relay",
+                "--print-config",
+            ])
+            .env("STEELYARD_RELAY_ENROLL_TOKEN", "secret-token"),
     );
-    let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("[broker]") && shown.contains("ws://127.0.0.1:9/v1/relay"),
         "{shown}"

@@ -587,6 +587,17 @@ impl BrokerWithRelay {
     }
 }
 
+/// Runs `cmd` to its end expecting success; its stdout (a failure panics with its stderr).
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// A TCP port free on 127.0.0.1 just now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
