@@ -1,5 +1,9 @@
-//! Shared pieces of the broker process tests: start the real `steelyard broker` binary, talk
-//! to it with real WebSocket clients (tokio-tungstenite) and a minimal HTTP/1.1 client.
+//! Shared pieces of the process tests: start the real `steelyard broker` binary, talk to it
+//! with real WebSocket clients (tokio-tungstenite) and a minimal HTTP/1.1 client (agent and
+//! relay handshakes, reports, connect answers, admin GETs, `/metrics` samples); start
+//! `steelyard agent`s and a broker with a `steelyard relay` r1 ([`BrokerWithRelay`]); common
+//! config writers. It holds no assertions of its own beyond each helper's stated expectation
+//! (an accepted report, a successful command, an agent's address line); tests check the rest.
 
 #![allow(dead_code)]
 
