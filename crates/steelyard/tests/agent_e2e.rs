@@ -14,28 +14,12 @@
 mod broker_support;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use broker_support::*;
 use steelyard_agent::daemon::open_via_agent;
-use steelyard_proto::api::{LoadReport, RelayMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-fn agent_config(dir: &Path, broker: SocketAddr, peer: &str, control: u16, extra: &str) -> String {
-    let path = dir.join(format!("{peer}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
-             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
-            dir.join(format!("{peer}.key")).display()
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
 
 /// A tiny HTTP/1.1 responder: reads the request head, answers a fixed body, closes.
 async fn http_service() -> SocketAddr {
@@ -122,71 +106,23 @@ async fn echo_round(addr: SocketAddr, i: u32, len: usize) -> (u64, u64, usize) {
 async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     let t0 = Instant::now();
     let dir = temp_dir("agent-e2e");
-    let (relay_tcp, relay_udp, relay_probe) = (free_port(), free_udp_port(), free_udp_port());
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        "\n[schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
-         tcp_addr = \"127.0.0.1:{relay_tcp}\"\nudp_addr = \"127.0.0.1:{relay_probe}\"\nmax_sessions = 1000\n",
-        key_hex(100)
-    ));
-    let broker = BrokerProcess::start(&dir, &config);
-    let addr = broker.addr;
-
-    // The relay trusts the key the broker publishes.
-    let (status, keys) = http_json(addr, "GET", "/v1/keys", None, None).await;
-    assert_eq!(status, 200, "{keys}");
-    let broker_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
-    let (_relay, line) = start(&[
-        "relay",
-        "--relay-id",
-        "r1",
-        "--broker-key",
-        &broker_key,
-        "--tcp",
-        &format!("127.0.0.1:{relay_tcp}"),
-        "--udp",
-        &format!("127.0.0.1:{relay_udp}"),
-        "--probe",
-        &format!("127.0.0.1:{relay_probe}"),
-    ]);
-    assert!(line.starts_with("relay listening"), "{line}");
-
-    // Relay load, fed under the relay's pre-registered identity (see the module docs).
-    let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.expect("relay r1 authenticates");
-    let feeder = tokio::spawn(async move {
-        loop {
-            send_json(
-                &mut relay_ws,
-                &RelayMessage::Load(LoadReport {
-                    sessions: 0,
-                    ..LoadReport::default()
-                }),
-            )
-            .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
+    // Broker, relay r1 and r1's load feed (see the module docs).
+    let bed = BrokerWithRelay::start(&dir).await;
+    let addr = bed.broker.addr;
 
     let http = http_service().await;
     let echo = echo_service().await;
     let (udp_echo, udp_answered) = udp_echo_service().await;
-    let (ctl_a, ctl_b) = (free_port(), free_port());
-    let a_cfg = agent_config(&dir, addr, "alice", ctl_a, "");
-    let b_cfg = agent_config(
+    let (_alice, ctl_a) = start_agent(&dir, addr, "alice", "");
+    let (_bob, _) = start_agent(
         &dir,
         addr,
         "bob",
-        ctl_b,
         &format!(
             "[services]\nhttp = \"{http}\"\necho = \"{echo}\"\ndns = \"udp:{udp_echo}\"\n\
              [offers]\nallow = [\"alice\"]\n"
         ),
     );
-    let (_alice, line) = start(&["agent", "--config", &a_cfg]);
-    assert!(line.starts_with("agent alice control="), "{line}");
-    let (_bob, line) = start(&["agent", "--config", &b_cfg]);
-    assert!(line.starts_with("agent bob control="), "{line}");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -198,7 +134,7 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     }
 
     let (http_port, echo_port) = (free_port(), free_port());
-    let ctl = format!("127.0.0.1:{ctl_a}");
+    let ctl = ctl_a.to_string();
     let (_c1, line) = start(&[
         "connect",
         "bob",
@@ -303,26 +239,13 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     let concurrent = t1.elapsed();
 
     // Refusals are clear: a service bob does not expose, and a peer not in bob's allow list.
-    let ctl_a_addr: SocketAddr = ctl.parse().unwrap();
-    let e = open_via_agent(ctl_a_addr, "bob", "ssh").await.unwrap_err();
+    let e = open_via_agent(ctl_a, "bob", "ssh").await.unwrap_err();
     assert!(
         e.to_string()
             .contains("exposes no service \"ssh\" (it exposes: dns, echo, http)"),
         "{e}"
     );
-    let (_carol, _) = start(&[
-        "agent",
-        "--config",
-        &agent_config(&dir, addr, "carol", free_port(), ""),
-    ]);
-    let ctl_c: SocketAddr = std::fs::read_to_string(dir.join("carol.toml"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("control = "))
-        .unwrap()
-        .trim_matches('"')
-        .parse()
-        .unwrap();
+    let (_carol, ctl_c) = start_agent(&dir, addr, "carol", "");
     let deadline = Instant::now() + Duration::from_secs(30);
     let e = loop {
         let e = open_via_agent(ctl_c, "bob", "http").await.unwrap_err();
@@ -337,22 +260,13 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
             .contains("peer carol is not in bob's offers.allow list"),
         "{e}"
     );
-    let e = open_via_agent(ctl_a_addr, "nobody", "http")
-        .await
-        .unwrap_err();
+    let e = open_via_agent(ctl_a, "nobody", "http").await.unwrap_err();
     assert!(e.to_string().contains("unknown_peer"), "{e}");
 
     // The sessions end at the broker with the bytes and alice's end-to-end RTT.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, s) = http_json(
-            addr,
-            "GET",
-            "/v1/admin/sessions?limit=1000",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(addr, "/v1/admin/sessions?limit=1000").await;
         let ended = s["history"]
             .as_array()
             .map(|h| {
@@ -386,8 +300,7 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
         "agent_e2e: first HTTP answer after {first:?} (start-up and first reports included); \
          100 x 256 KiB echoed in {concurrent:?}"
     );
-    feeder.abort();
-    broker.stop();
+    bed.stop();
 }
 
 /// The agent reaches a TLS broker with `wss://` and a `ca_file`, and refuses one whose

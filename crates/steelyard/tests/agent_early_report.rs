@@ -9,7 +9,6 @@ mod broker_support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,31 +53,9 @@ async fn delaying_proxy(relay: SocketAddr, delay_ms: Arc<AtomicU64>) -> SocketAd
     addr
 }
 
-fn agent_config(dir: &Path, broker: SocketAddr, peer: &str) -> String {
-    let path = dir.join(format!("{peer}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
-             key_file = \"{}\"\ncontrol = \"127.0.0.1:{}\"\n",
-            dir.join(format!("{peer}.key")).display(),
-            free_port()
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
-
 /// The RTT of the broker's best alice → bob path (both legs), if it can decide.
 async fn path_rtt(broker: SocketAddr) -> Option<f64> {
-    let (status, d) = http_json(
-        broker,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, d) = admin_get_json(broker, "/v1/explain?from=alice&to=bob").await;
     (status == 200)
         .then(|| d["ranked"][0]["path"]["rtt_ms"].as_f64())
         .flatten()
@@ -122,9 +99,13 @@ async fn a_path_change_is_reported_before_the_schedule() {
     let (_alice, _) = start(&[
         "agent",
         "--config",
-        &agent_config(&dir, broker.addr, "alice"),
+        &agent_config(&dir, broker.addr, "alice", free_port(), ""),
     ]);
-    let (_bob, _) = start(&["agent", "--config", &agent_config(&dir, broker.addr, "bob")]);
+    let (_bob, _) = start(&[
+        "agent",
+        "--config",
+        &agent_config(&dir, broker.addr, "bob", free_port(), ""),
+    ]);
 
     // Both agents report r1 (their first report comes at once).
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -33,12 +33,14 @@ use steelyard_agent::daemon::open_via_agent;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Starts `steelyard <args>` logging at `$FAILOVER_LOG` (default `warn`).
+/// The processes' log level: `$FAILOVER_LOG` (default `warn`).
+fn log() -> String {
+    std::env::var("FAILOVER_LOG").unwrap_or("warn".into())
+}
+
+/// Starts `steelyard <args>` logging at [`log`].
 fn start(args: &[&str]) -> (Proc, String) {
-    start_logging(
-        args,
-        &std::env::var("FAILOVER_LOG").unwrap_or("warn".into()),
-    )
+    start_logging(args, &log())
 }
 
 /// A broker config on a fixed port (so a restarted broker is found at the same URL) with a
@@ -74,27 +76,6 @@ fn start_relay(dir: &Path, id: &str, broker: SocketAddr, ticket_key: &str) -> (P
     let (proc, line) = start(&["relay", "--config", path.to_str().unwrap()]);
     assert!(line.starts_with("relay listening"), "{line}");
     (proc, http)
-}
-
-/// Starts agent `peer`; returns it and its control address.
-fn start_agent(dir: &Path, broker: SocketAddr, peer: &str, extra: &str) -> (Proc, SocketAddr) {
-    let control = free_port();
-    let path = dir.join(format!("{peer}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
-             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
-            dir.join(format!("{peer}.key")).display()
-        ),
-    )
-    .unwrap();
-    let (proc, line) = start(&["agent", "--config", path.to_str().unwrap()]);
-    assert!(
-        line.starts_with(&format!("agent {peer} control=")),
-        "{line}"
-    );
-    (proc, format!("127.0.0.1:{control}").parse().unwrap())
 }
 
 fn payload(len: usize, seed: u32) -> Vec<u8> {
@@ -153,14 +134,15 @@ impl System {
             relay_http.push((id.to_owned(), http));
         }
         let echo = echo_service().await;
-        let (a, alice) = start_agent(&dir, broker.addr, "alice", agent_extra);
-        let (b, _) = start_agent(
+        let (a, alice) = start_agent_logging(&dir, broker.addr, "alice", agent_extra, &log());
+        let (b, _) = start_agent_logging(
             &dir,
             broker.addr,
             "bob",
             &format!(
                 "{agent_extra}\n[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\", \"carol\"]\n"
             ),
+            &log(),
         );
         let sys = System {
             addr: broker.addr,
@@ -175,7 +157,7 @@ impl System {
         // Both agents must have reported both relays before the broker can pick either.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (_, peers) = http_json(sys.addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+            let (_, peers) = admin_get_json(sys.addr, "/v1/admin/peers").await;
             let ok = |p: &str| {
                 peers["peers"].as_array().is_some_and(|a| {
                     a.iter()
@@ -305,14 +287,7 @@ async fn relay_killed_under_a_live_transfer() {
     // The broker recorded the resumed stream's session on the surviving relay.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, s) = http_json(
-            sys.addr,
-            "GET",
-            "/v1/admin/sessions?limit=100",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions?limit=100").await;
         let carried = s["history"].as_array().is_some_and(|h| {
             h.iter().any(|r| {
                 r["state"] == "ended"
@@ -371,7 +346,7 @@ async fn a_failed_resume_reports_the_session_end_once() {
     let (mut live, _) = sys.open(Duration::from_secs(30)).await;
     assert_eq!(echo_all(&mut live, b"hello").await, b"hello");
     let session = {
-        let (_, s) = http_json(sys.addr, "GET", "/v1/admin/sessions", Some(ADMIN), None).await;
+        let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions").await;
         s["live"][0]["id"]
             .as_str()
             .unwrap_or_else(|| panic!("no live session: {s}"))
@@ -396,14 +371,7 @@ async fn a_failed_resume_reports_the_session_end_once() {
     // `bad_message` at once).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, s) = http_json(
-            sys.addr,
-            "GET",
-            "/v1/admin/sessions?limit=100",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions?limit=100").await;
         let done = s["history"].as_array().is_some_and(|h| {
             h.iter()
                 .any(|r| r["id"] == session.as_str() && r["state"] == "ended")
@@ -423,15 +391,6 @@ async fn a_failed_resume_reports_the_session_end_once() {
         before,
         "a side reported the session's end more than once"
     );
-}
-
-/// The value of the sample `name` (exact, labels included) in `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -487,9 +446,7 @@ async fn a_burst_of_connects_is_paced_under_the_brokers_limits() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
-    use steelyard_proto::api::{
-        AgentMessage, AgentReport, BrokerMessage, ConnectRequest, PathReport, TransportKind,
-    };
+    use steelyard_proto::api::{AgentMessage, ConnectRequest, PathReport, TransportKind};
     let sys = System::start("agent-withdrawn").await;
     let relay_metrics = |relay: &str| {
         sys.relay_http
@@ -505,30 +462,12 @@ async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
         let (mut carol, v) = agent(sys.addr, "carol", &carol_key, Some(AGENT_TOKEN), false).await;
         v.unwrap();
         let paths = ["r1", "r2"]
-            .iter()
             .map(|r| PathReport {
-                relay: (*r).into(),
                 rtt_ms: 1.0,
-                hops: 1,
-                loss: 0.0,
-                bandwidth_kbps: None,
-                tcp: true,
-                udp: true,
-                age_ms: 0,
+                ..path_report(r)
             })
-            .collect();
-        send_json(
-            &mut carol,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths,
-            }),
-        )
-        .await;
-        recv_where(&mut carol, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+            .into();
+        report_paths(&mut carol, paths).await;
         let before: Vec<f64> =
             futures_util::future::join_all(["r1", "r2"].map(|r| metric(relay_metrics(r), waiting)))
                 .await;
@@ -548,14 +487,7 @@ async fn a_withdrawn_offer_stops_the_acceptors_relay_dial() {
         let deadline = Instant::now() + Duration::from_secs(10);
         // This attempt's session: carol's newest (history is newest first), once it settled.
         let session = loop {
-            let (_, s) = http_json(
-                sys.addr,
-                "GET",
-                "/v1/admin/sessions?limit=100",
-                Some(ADMIN),
-                None,
-            )
-            .await;
+            let (_, s) = admin_get_json(sys.addr, "/v1/admin/sessions?limit=100").await;
             let carols: Vec<_> = s["history"]
                 .as_array()
                 .map(|h| h.iter().filter(|r| r["from"] == "carol").cloned().collect())

@@ -14,29 +14,13 @@
 mod broker_support;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use broker_support::*;
 use steelyard_agent::daemon::{forward_via_agent, MAX_FORWARDS};
-use steelyard_proto::api::{LoadReport, RelayMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn agent_config(dir: &Path, broker: SocketAddr, peer: &str, control: u16, extra: &str) -> String {
-    let path = dir.join(format!("{peer}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
-             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
-            dir.join(format!("{peer}.key")).display()
-        ),
-    )
-    .unwrap();
-    path.display().to_string()
-}
 
 fn pattern(i: u32, len: usize) -> Vec<u8> {
     (0..len)
@@ -73,15 +57,9 @@ async fn echo_on(s: &mut TcpStream, chunk: &[u8]) -> bool {
     wr.is_ok() && rd.is_ok() && back == chunk
 }
 
-/// Runs `steelyard connect` expecting it to fail: its exit status and stderr.
-fn connect_fails(args: &[&str]) -> String {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
-        .arg("connect")
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+/// Waits at most 20 s for `child` (stderr piped) to exit; its exit status and stderr. Kills it
+/// and panics with `late` when it still runs.
+async fn exit_and_stderr(child: &mut Child, late: &str) -> (ExitStatus, String) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
@@ -89,12 +67,29 @@ fn connect_fails(args: &[&str]) -> String {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            panic!("steelyard connect {args:?} was expected to fail but still runs after 20 s");
+            panic!("{late}");
         }
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status, err)
+}
+
+/// Runs `steelyard connect` expecting it to fail: its stderr.
+async fn connect_fails(args: &[&str]) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steelyard"))
+        .arg("connect")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, err) = exit_and_stderr(
+        &mut child,
+        &format!("steelyard connect {args:?} was expected to fail but still runs after 20 s"),
+    )
+    .await;
     assert!(!status.success(), "steelyard connect {args:?} succeeded");
     err
 }
@@ -102,65 +97,28 @@ fn connect_fails(args: &[&str]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_run_in_the_agent() {
     let dir = temp_dir("agent-forward");
-    let (relay_tcp, relay_udp, relay_probe) = (free_port(), free_udp_port(), free_udp_port());
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        "\n[schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
-         tcp_addr = \"127.0.0.1:{relay_tcp}\"\nudp_addr = \"127.0.0.1:{relay_probe}\"\nmax_sessions = 1000\n",
-        key_hex(100)
-    ));
-    let broker = BrokerProcess::start(&dir, &config);
-    let addr = broker.addr;
-    let (status, keys) = http_json(addr, "GET", "/v1/keys", None, None).await;
-    assert_eq!(status, 200, "{keys}");
-    let broker_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
-    let (_relay, line) = start(&[
-        "relay",
-        "--relay-id",
-        "r1",
-        "--broker-key",
-        &broker_key,
-        "--tcp",
-        &format!("127.0.0.1:{relay_tcp}"),
-        "--udp",
-        &format!("127.0.0.1:{relay_udp}"),
-        "--probe",
-        &format!("127.0.0.1:{relay_probe}"),
-    ]);
-    assert!(line.starts_with("relay listening"), "{line}");
-    let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.expect("relay r1 authenticates");
-    let feeder = tokio::spawn(async move {
-        loop {
-            send_json(&mut relay_ws, &RelayMessage::Load(LoadReport::default())).await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    });
+    // Broker, relay r1 and r1's load feed as in `agent_e2e.rs`.
+    let bed = BrokerWithRelay::start(&dir).await;
+    let addr = bed.broker.addr;
 
     let echo = echo_service().await;
-    let (ctl_a, ctl_b, static_port) = (free_port(), free_port(), free_port());
-    let a_cfg = agent_config(
+    let static_port = free_port();
+    let (alice, ctl_a) = start_agent(
         &dir,
         addr,
         "alice",
-        ctl_a,
         &format!(
             "[[forwards]]\nlisten = \"127.0.0.1:{static_port}\"\npeer = \"bob\"\nservice = \"echo\"\n"
         ),
     );
-    let b_cfg = agent_config(
+    let (_bob, _) = start_agent(
         &dir,
         addr,
         "bob",
-        ctl_b,
         &format!("[services]\necho = \"{echo}\"\n[offers]\nallow = [\"alice\"]\n"),
     );
-    let (alice, line) = start(&["agent", "--config", &a_cfg]);
-    assert!(line.starts_with("agent alice control="), "{line}");
-    let (_bob, line) = start(&["agent", "--config", &b_cfg]);
-    assert!(line.starts_with("agent bob control="), "{line}");
 
-    let ctl = format!("127.0.0.1:{ctl_a}");
+    let ctl = ctl_a.to_string();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let (connect, line) = start(&[
@@ -246,14 +204,15 @@ async fn forwards_run_in_the_agent() {
         &format!("0.0.0.0:{}", free_port()),
         "--control",
         &ctl,
-    ]);
+    ])
+    .await;
     assert!(
         err.contains("is not a loopback address") && err.contains("allow_remote_forwards"),
         "{err}"
     );
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap().to_string();
-    let err = connect_fails(&["bob", "echo", "--listen", &taken_addr, "--control", &ctl]);
+    let err = connect_fails(&["bob", "echo", "--listen", &taken_addr, "--control", &ctl]).await;
     assert!(
         err.contains(&format!("cannot listen on {taken_addr}")) && err.contains("pick a free port"),
         "{err}"
@@ -261,17 +220,16 @@ async fn forwards_run_in_the_agent() {
     drop(taken);
 
     // At most MAX_FORWARDS at once (the config's forwards aside); one closed makes room.
-    let ctl_addr: SocketAddr = ctl.parse().unwrap();
     let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut held = Vec::new();
     for i in 0..MAX_FORWARDS {
-        let f = forward_via_agent(ctl_addr, "bob", "echo", any)
+        let f = forward_via_agent(ctl_a, "bob", "echo", any)
             .await
             .unwrap_or_else(|e| panic!("forward {i}: {e}"));
         assert_ne!(f.listening.port(), 0);
         held.push(f);
     }
-    let e = forward_via_agent(ctl_addr, "bob", "echo", any)
+    let e = forward_via_agent(ctl_a, "bob", "echo", any)
         .await
         .unwrap_err();
     assert!(
@@ -281,7 +239,7 @@ async fn forwards_run_in_the_agent() {
     );
     held.pop();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while let Err(e) = forward_via_agent(ctl_addr, "bob", "echo", any).await {
+    while let Err(e) = forward_via_agent(ctl_a, "bob", "echo", any).await {
         assert!(
             Instant::now() < deadline,
             "no forward 10 s after one was closed: {e}"
@@ -313,22 +271,13 @@ async fn forwards_run_in_the_agent() {
     .unwrap();
     assert!(line.contains("listening=127.0.0.1:"), "{line}");
     drop(alice); // kill + wait
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("steelyard connect still runs 20 s after its agent was killed");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (status, err) = exit_and_stderr(
+        &mut child,
+        "steelyard connect still runs 20 s after its agent was killed",
+    )
+    .await;
     assert!(!status.success(), "{err}");
     assert!(err.contains("ended the forward"), "{err}");
 
-    feeder.abort();
-    broker.stop();
+    bed.stop();
 }

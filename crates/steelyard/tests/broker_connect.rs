@@ -7,8 +7,8 @@ mod broker_support;
 
 use broker_support::*;
 use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, EndToEndReport, ErrorCode, LoadReport, OfferReply,
-    PathReport, RelayMessage, SessionEnded,
+    AgentMessage, BrokerMessage, EndToEndReport, ErrorCode, LoadReport, OfferReply, PathReport,
+    RelayMessage, SessionEnded,
 };
 use steelyard_proto::ticket::{Side, TicketVerifier};
 use steelyard_select::{
@@ -140,13 +140,9 @@ fn expected_winner() -> String {
         .to_string()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_end_to_end() {
-    let dir = temp_dir("connect");
-    let broker = BrokerProcess::start(&dir, &config(&dir));
-    let addr = broker.addr;
-
-    // Relays authenticate with their configured keys and stream load.
+/// The relays of [`loads`] authenticated with their configured keys (100, 101, ...; not
+/// enrolled), each having sent its load.
+async fn relays_up(addr: std::net::SocketAddr) -> Vec<Ws> {
     let mut relays = Vec::new();
     for (i, (id, load)) in loads().into_iter().enumerate() {
         let (mut ws, v) = relay(addr, relay_hello(id, 100 + i as u8), &key(100 + i as u8)).await;
@@ -155,6 +151,17 @@ async fn connect_end_to_end() {
         send_json(&mut ws, &RelayMessage::Load(load)).await;
         relays.push(ws);
     }
+    relays
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_end_to_end() {
+    let dir = temp_dir("connect");
+    let broker = BrokerProcess::start(&dir, &config(&dir));
+    let addr = broker.addr;
+
+    // Relays authenticate with their configured keys and stream load.
+    let _relays = relays_up(addr).await;
     // A relay with the wrong key is refused.
     let (_, v) = relay(addr, relay_hello("r1", 100), &key(99)).await;
     assert_eq!(v.unwrap_err().code, ErrorCode::AuthFailed);
@@ -174,14 +181,7 @@ async fn connect_end_to_end() {
     v.unwrap();
 
     // B is known but has not reported yet: no common relay, and the broker asks it to report.
-    send_json(
-        &mut alice,
-        &AgentMessage::Report(AgentReport {
-            location: None,
-            paths: reports()[0].1.clone(),
-        }),
-    )
-    .await;
+    send_json(&mut alice, &agent_report(reports()[0].1.clone())).await;
     recv_where(&mut alice, |m| {
         matches!(m, BrokerMessage::ReportAccepted(r) if r.paths == 3).then_some(())
     })
@@ -194,18 +194,7 @@ async fn connect_end_to_end() {
     })
     .await;
 
-    send_json(
-        &mut bob,
-        &AgentMessage::Report(AgentReport {
-            location: None,
-            paths: reports()[1].1.clone(),
-        }),
-    )
-    .await;
-    recv_where(&mut bob, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
+    report_paths(&mut bob, reports()[1].1.clone()).await;
 
     // Explain says what the engine says, and changes nothing.
     let expected = expected_winner();
@@ -213,14 +202,7 @@ async fn connect_end_to_end() {
         expected, "r2",
         "the load feed must steer away from the lowest-RTT relay"
     );
-    let (status, d) = http_json(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, d) = admin_get_json(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 200, "{d}");
     assert_eq!(d["winner"], expected);
     assert_eq!(d["ranked"].as_array().unwrap().len(), 2);
@@ -320,14 +302,7 @@ async fn connect_end_to_end() {
     .await;
     let mut found = false;
     for _ in 0..50 {
-        let (_, s) = http_json(
-            addr,
-            "GET",
-            "/v1/admin/sessions?limit=10",
-            Some(ADMIN),
-            None,
-        )
-        .await;
+        let (_, s) = admin_get_json(addr, "/v1/admin/sessions?limit=10").await;
         if let Some(rec) = s["history"]
             .as_array()
             .unwrap()
@@ -345,14 +320,7 @@ async fn connect_end_to_end() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(found, "the ended session reaches the history");
-    let (_, d) = http_json(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (_, d) = admin_get_json(addr, "/v1/explain?from=alice&to=bob").await;
     let r2 = d["ranked"]
         .as_array()
         .unwrap()
@@ -370,7 +338,7 @@ async fn connect_end_to_end() {
     assert_eq!((e.code, e.request_id), (ErrorCode::PeerOffline, Some(4)));
 
     // Relays as the admin API shows them.
-    let (_, r) = http_json(addr, "GET", "/v1/admin/relays", Some(ADMIN), None).await;
+    let (_, r) = admin_get_json(addr, "/v1/admin/relays").await;
     let r1 = &r["relays"][0];
     assert_eq!(
         (
@@ -389,40 +357,18 @@ async fn auto_accept_answers_at_once_and_drain_moves_sessions() {
     let dir = temp_dir("auto");
     let broker = BrokerProcess::start(&dir, &config(&dir));
     let addr = broker.addr;
-    let mut relays = Vec::new();
-    for (i, (id, load)) in loads().into_iter().enumerate() {
-        let (mut ws, v) = relay(addr, relay_hello(id, 100 + i as u8), &key(100 + i as u8)).await;
-        v.unwrap();
-        send_json(&mut ws, &RelayMessage::Load(load)).await;
-        relays.push(ws);
-    }
+    let _relays = relays_up(addr).await;
     let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), false).await;
     v.unwrap();
     let (mut bob, v) = agent(addr, "bob", &key(2), Some(AGENT_TOKEN), true).await;
     v.unwrap();
     for (ws, (_, paths)) in [&mut alice, &mut bob].into_iter().zip(reports()) {
-        send_json(
-            ws,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths,
-            }),
-        )
-        .await;
-        recv_where(ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+        report_paths(ws, paths).await;
     }
     let (status, _) = http(addr, "POST", "/v1/admin/relays/r2/drain", Some(ADMIN), None).await;
     assert_eq!(status, 200);
     send_connect(&mut alice, 1, "bob").await;
-    let answer = recv_where(&mut alice, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
-        BrokerMessage::Error(e) => panic!("{e}"),
-        _ => None,
-    })
-    .await;
+    let answer = recv_answer(&mut alice).await;
     assert_eq!(answer.relay_id, "r1", "r2 is drained");
     let offer = recv_where(&mut bob, |m| match m {
         BrokerMessage::Offer(o) => Some(o.clone()),

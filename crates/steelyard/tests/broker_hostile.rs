@@ -11,37 +11,10 @@ use std::time::Duration;
 use broker_support::*;
 use futures_util::{SinkExt, StreamExt};
 use steelyard_proto::api::{
-    self, AgentHello, AgentMessage, AgentReport, BrokerMessage, ConnectRequest, ErrorCode,
-    LoadReport, PathReport, RelayMessage, Role, TransportKind, API_VERSION,
+    self, AgentHello, AgentMessage, BrokerMessage, ConnectRequest, ErrorCode, Role, TransportKind,
+    API_VERSION,
 };
 use tokio_tungstenite::tungstenite::Message;
-
-fn report() -> AgentMessage {
-    AgentMessage::Report(AgentReport {
-        location: None,
-        paths: vec![PathReport {
-            relay: "r1".into(),
-            rtt_ms: 5.0,
-            hops: 1,
-            loss: 0.0,
-            bandwidth_kbps: None,
-            tcp: true,
-            udp: true,
-            age_ms: 0,
-        }],
-    })
-}
-
-async fn reported_agent(addr: std::net::SocketAddr, id: &str, n: u8, auto: bool) -> Ws {
-    let (mut ws, v) = agent(addr, id, &key(n), Some(AGENT_TOKEN), auto).await;
-    v.unwrap();
-    send_json(&mut ws, &report()).await;
-    recv_where(&mut ws, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
-    ws
-}
 
 /// Alice asks for Bob and gets a relay: the well-behaved path still works.
 async fn still_works(alice: &mut Ws, request_id: u64) {
@@ -68,28 +41,18 @@ async fn still_works(alice: &mut Ws, request_id: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_gets_clear_errors_and_harms_nobody() {
     let dir = temp_dir("hostile");
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        r#"
-[[relays]]
-id = "r1"
-public_key = "{}"
-max_sessions = 100000
-
+    let config = r1_config(&dir, 100_000)
+        + r#"
 [limits]
 max_message_bytes = 4096
 messages_per_sec = 20
 message_burst = 20
 max_unauthenticated_per_ip = 8
 auth_timeout_secs = 1
-"#,
-        key_hex(100)
-    ));
+"#;
     let mut broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;
-    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
+    let _r1 = relay_up(addr).await;
     let mut alice = reported_agent(addr, "alice", 1, false).await;
     let mut bob = reported_agent(addr, "bob", 2, true).await;
     still_works(&mut alice, 1).await;
@@ -146,11 +109,7 @@ auth_timeout_secs = 1
         let e = expect_error(&mut mallory, code).await;
         assert!(!e.message.is_empty(), "{raw}");
     }
-    send_json(&mut mallory, &report()).await;
-    recv_where(&mut mallory, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
+    report_paths(&mut mallory, vec![path_report("r1")]).await;
 
     // A flood of connects: the first burst is served, the rest are rate limited, each answered.
     tokio::time::sleep(Duration::from_millis(1_100)).await; // let the bucket refill to its burst

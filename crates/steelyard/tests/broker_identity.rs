@@ -59,7 +59,7 @@ async fn enroll_reconnect_wrong_key_revoke() {
     )
     .await;
     assert_eq!(status, 401);
-    let (status, peers) = http_json(addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+    let (status, peers) = admin_get_json(addr, "/v1/admin/peers").await;
     assert_eq!(status, 200);
     assert_eq!(peers["peers"][0]["id"], "alice");
     assert_eq!(peers["peers"][0]["online"], true);

@@ -3,79 +3,13 @@
 
 mod broker_support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use broker_support::*;
-use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ErrorCode, LoadReport, OfferReply, PathReport,
-    RelayMessage, WithdrawReason,
-};
+use steelyard_proto::api::{AgentMessage, BrokerMessage, ErrorCode, OfferReply, WithdrawReason};
 
 fn config(dir: &std::path::Path, limits: &str) -> String {
-    let mut config = base_config(dir);
-    config.push_str(&format!(
-        r#"
-[[relays]]
-id = "r1"
-public_key = "{}"
-max_sessions = 100000
-
-[limits]
-{limits}
-"#,
-        key_hex(100)
-    ));
-    config
-}
-
-async fn relay_up(addr: SocketAddr) -> Ws {
-    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
-    r1
-}
-
-async fn reported_agent(addr: SocketAddr, id: &str, n: u8, auto: bool) -> Ws {
-    let (mut ws, v) = agent(addr, id, &key(n), Some(AGENT_TOKEN), auto).await;
-    v.unwrap();
-    let report = AgentMessage::Report(AgentReport {
-        location: None,
-        paths: vec![PathReport {
-            relay: "r1".into(),
-            rtt_ms: 5.0,
-            hops: 1,
-            loss: 0.0,
-            bandwidth_kbps: None,
-            tcp: true,
-            udp: true,
-            age_ms: 0,
-        }],
-    });
-    send_json(&mut ws, &report).await;
-    recv_where(&mut ws, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
-    ws
-}
-
-/// The value of the sample `name` (exact, labels included) in `/metrics`.
-async fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
-}
-
-async fn answer_relay(ws: &mut Ws) -> String {
-    recv_where(ws, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.relay_id.clone()),
-        BrokerMessage::Error(e) => panic!("expected an answer, got {e}"),
-        _ => None,
-    })
-    .await
+    r1_config(dir, 100_000) + &format!("\n[limits]\n{limits}\n")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +50,7 @@ async fn total_connection_limit_refuses_upgrades_with_503_and_spares_connected_a
     );
     // Connected agents are unaffected: Alice still gets relays for Bob.
     send_connect(&mut alice, 7, "bob").await;
-    assert_eq!(answer_relay(&mut alice).await, "r1");
+    assert_eq!(recv_answer(&mut alice).await.relay_id, "r1");
 
     // A closed socket frees its slot.
     drop(unauthenticated);
@@ -150,7 +84,7 @@ async fn unanswered_offers_are_withdrawn_from_b_and_latencies_are_counted() {
 
     // An auto-accepted connect is answered at once and counted.
     send_connect(&mut alice, 1, "carol").await;
-    answer_relay(&mut alice).await;
+    recv_answer(&mut alice).await;
     assert_eq!(metric(addr, count).await, 1.0);
     assert_eq!(
         metric(
@@ -205,7 +139,7 @@ async fn unanswered_offers_are_withdrawn_from_b_and_latencies_are_counted() {
         }),
     )
     .await;
-    answer_relay(&mut alice).await;
+    recv_answer(&mut alice).await;
     assert_eq!(metric(addr, round_trips).await, 1.0);
     assert_eq!(metric(addr, count).await, 2.0);
 

@@ -14,56 +14,24 @@ use std::net::SocketAddr;
 
 use broker_support::*;
 use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ChannelLimits, ErrorCode, LoadReport, PathReport,
-    RelayMessage,
+    AgentMessage, AgentReport, BrokerMessage, ChannelLimits, ErrorCode, PathReport,
 };
 
 fn config(dir: &std::path::Path, limits: &str) -> String {
-    base_config(dir)
-        + &format!(
-            "\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = 1000\n\n[limits]\n{limits}\n",
-            key_hex(100)
-        )
-}
-
-async fn relay_up(addr: SocketAddr) -> Ws {
-    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
-    r1
+    r1_config(dir, 1000) + &format!("\n[limits]\n{limits}\n")
 }
 
 /// An agent (not auto-accepting) that reported r1 with `rtt_ms` and `loss`.
-async fn reported_agent(addr: SocketAddr, id: &str, n: u8, rtt_ms: f64, loss: f64) -> Ws {
+async fn agent_reporting(addr: SocketAddr, id: &str, n: u8, rtt_ms: f64, loss: f64) -> Ws {
     let (mut ws, v) = agent(addr, id, &key(n), Some(AGENT_TOKEN), false).await;
     v.unwrap();
-    let report = AgentMessage::Report(AgentReport {
-        location: None,
-        paths: vec![PathReport {
-            relay: "r1".into(),
-            rtt_ms,
-            hops: 1,
-            loss,
-            bandwidth_kbps: None,
-            tcp: true,
-            udp: true,
-            age_ms: 0,
-        }],
-    });
-    send_json(&mut ws, &report).await;
-    recv_where(&mut ws, |m| {
-        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-    })
-    .await;
+    let path = PathReport {
+        rtt_ms,
+        loss,
+        ..path_report("r1")
+    };
+    report_paths(&mut ws, vec![path]).await;
     ws
-}
-
-async fn gauge(addr: SocketAddr, name: &str) -> f64 {
-    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
-    assert_eq!(status, 200);
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -133,8 +101,8 @@ async fn an_acceptor_going_offline_fails_its_pending_offers_at_once() {
     let broker = BrokerProcess::start(&dir, &config(&dir, "offer_timeout_ms = 120000"));
     let addr = broker.addr;
     let _r1 = relay_up(addr).await;
-    let mut alice = reported_agent(addr, "alice", 1, 5.0, 0.0).await;
-    let bob = reported_agent(addr, "bob", 2, 5.0, 0.0).await;
+    let mut alice = agent_reporting(addr, "alice", 1, 5.0, 0.0).await;
+    let bob = agent_reporting(addr, "bob", 2, 5.0, 0.0).await;
 
     // Bob's socket closes with an offer pending.
     send_connect(&mut alice, 7, "bob").await;
@@ -143,7 +111,7 @@ async fn an_acceptor_going_offline_fails_its_pending_offers_at_once() {
         matches!(m, BrokerMessage::Offer(_)).then_some(())
     })
     .await;
-    assert_eq!(gauge(addr, "steelyard_broker_pending_offers").await, 1.0);
+    assert_eq!(metric(addr, "steelyard_broker_pending_offers").await, 1.0);
     drop(bob);
     let e = recv_error(&mut alice).await;
     assert_eq!(
@@ -155,8 +123,8 @@ async fn an_acceptor_going_offline_fails_its_pending_offers_at_once() {
         e.message.contains("bob went offline before answering"),
         "{e}"
     );
-    assert_eq!(gauge(addr, "steelyard_broker_pending_offers").await, 0.0);
-    let (_, peers) = http_json(addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+    assert_eq!(metric(addr, "steelyard_broker_pending_offers").await, 0.0);
+    let (_, peers) = admin_get_json(addr, "/v1/admin/peers").await;
     let a = peers["peers"]
         .as_array()
         .unwrap()
@@ -166,7 +134,7 @@ async fn an_acceptor_going_offline_fails_its_pending_offers_at_once() {
     assert_eq!(a["pending_connects"], 0, "{peers}");
 
     // Bob back; another connection of bob replaces the one that got the next offer.
-    let mut bob = reported_agent(addr, "bob", 2, 5.0, 0.0).await;
+    let mut bob = agent_reporting(addr, "bob", 2, 5.0, 0.0).await;
     send_connect(&mut alice, 8, "bob").await;
     recv_where(&mut bob, |m| {
         matches!(m, BrokerMessage::Offer(_)).then_some(())
@@ -180,7 +148,7 @@ async fn an_acceptor_going_offline_fails_its_pending_offers_at_once() {
         (ErrorCode::PeerOffline, Some(8)),
         "{e}"
     );
-    assert_eq!(gauge(addr, "steelyard_broker_pending_offers").await, 0.0);
+    assert_eq!(metric(addr, "steelyard_broker_pending_offers").await, 0.0);
     // The new connection takes offers as usual.
     send_connect(&mut alice, 9, "bob").await;
     let offer = recv_where(&mut bob2, |m| match m {
@@ -198,16 +166,9 @@ async fn explain_shows_the_figures_as_reported() {
     let broker = BrokerProcess::start(&dir, &config(&dir, ""));
     let addr = broker.addr;
     let _r1 = relay_up(addr).await;
-    let _alice = reported_agent(addr, "alice", 1, 5.3, 0.05).await;
-    let _bob = reported_agent(addr, "bob", 2, 2.1, 0.0).await;
-    let (status, body) = http(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let _alice = agent_reporting(addr, "alice", 1, 5.3, 0.05).await;
+    let _bob = agent_reporting(addr, "bob", 2, 2.1, 0.0).await;
+    let (status, body) = admin_get(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 200, "{body}");
     let d: serde_json::Value = serde_json::from_str(&body).unwrap();
     let path = &d["ranked"][0]["path"];

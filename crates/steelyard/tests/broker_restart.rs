@@ -5,37 +5,13 @@
 mod broker_support;
 
 use broker_support::*;
-use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, ErrorCode, LoadReport, PathReport, RelayCapacity,
-    RelayMessage,
-};
-
-fn path(relay: &str) -> PathReport {
-    PathReport {
-        relay: relay.into(),
-        rtt_ms: 5.0,
-        hops: 1,
-        loss: 0.0,
-        bandwidth_kbps: None,
-        tcp: true,
-        udp: true,
-        age_ms: 0,
-    }
-}
+use steelyard_proto::api::{ErrorCode, LoadReport, RelayCapacity, RelayMessage};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_keeps_everything_durable() {
     let dir = temp_dir("restart");
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        "store = \"sqlite\"\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = 10\n",
-        key_hex(100)
-    ));
     // `store` must precede the tables; put it at the top.
-    let config = format!(
-        "store = \"sqlite\"\n{}",
-        config.replace("store = \"sqlite\"\n", "")
-    );
+    let config = format!("store = \"sqlite\"\n{}", r1_config(&dir, 10));
 
     let broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;
@@ -52,9 +28,7 @@ async fn restart_keeps_everything_durable() {
     let (mut r9, v) = relay(addr, hello, &key(109)).await;
     assert!(v.unwrap().enrolled);
     send_json(&mut r9, &RelayMessage::Load(LoadReport::default())).await;
-    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
+    let r1 = relay_up(addr).await;
 
     // Agents, a report each, one session.
     let (mut alice, v) = agent(addr, "alice", &key(1), Some(AGENT_TOKEN), false).await;
@@ -63,30 +37,14 @@ async fn restart_keeps_everything_durable() {
     let (mut bob, v) = agent(addr, "bob", &key(2), Some(AGENT_TOKEN), true).await;
     v.unwrap();
     for ws in [&mut alice, &mut bob] {
-        send_json(
-            ws,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths: vec![path("r9")],
-            }),
-        )
-        .await;
-        recv_where(ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+        report_paths(ws, vec![path_report("r9")]).await;
     }
     send_connect(&mut alice, 1, "bob").await;
-    let answer = recv_where(&mut alice, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
-        BrokerMessage::Error(e) => panic!("{e}"),
-        _ => None,
-    })
-    .await;
+    let answer = recv_answer(&mut alice).await;
     assert_eq!(answer.relay_id, "r9");
 
     // A policy change and a drain through the admin API.
-    let (status, mut policy) = http_json(addr, "GET", "/v1/admin/policy", Some(ADMIN), None).await;
+    let (status, mut policy) = admin_get_json(addr, "/v1/admin/policy").await;
     assert_eq!(status, 200);
     policy["weights"]["load"] = serde_json::json!(33.0);
     let (status, body) = http_json(
@@ -154,7 +112,7 @@ async fn restart_keeps_everything_durable() {
     let (_, v) = relay(addr, relay_hello("r9", 109), &key(109)).await;
     assert!(!v.unwrap().enrolled, "the enrolled relay survives");
 
-    let (_, relays) = http_json(addr, "GET", "/v1/admin/relays", Some(ADMIN), None).await;
+    let (_, relays) = admin_get_json(addr, "/v1/admin/relays").await;
     let list = relays["relays"].as_array().unwrap();
     assert_eq!(list.len(), 2);
     assert_eq!(list[0]["id"], "r1");
@@ -163,10 +121,10 @@ async fn restart_keeps_everything_durable() {
     assert_eq!(list[1]["tcp_addr"], "127.0.0.1:7999");
     assert_eq!(list[1]["max_sessions"], 50);
 
-    let (_, policy) = http_json(addr, "GET", "/v1/admin/policy", Some(ADMIN), None).await;
+    let (_, policy) = admin_get_json(addr, "/v1/admin/policy").await;
     assert_eq!(policy["weights"]["load"], 33.0);
 
-    let (_, sessions) = http_json(addr, "GET", "/v1/admin/sessions", Some(ADMIN), None).await;
+    let (_, sessions) = admin_get_json(addr, "/v1/admin/sessions").await;
     let history = sessions["history"].as_array().unwrap();
     assert!(
         history

@@ -7,21 +7,13 @@ mod broker_support;
 use std::time::{Duration, Instant};
 
 use broker_support::*;
-use steelyard_proto::api::{
-    AgentMessage, AgentReport, BrokerMessage, LoadReport, PathReport, RelayMessage,
-};
+use steelyard_proto::api::BrokerMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_agents_are_asked_then_expire() {
     let dir = temp_dir("schedule");
-    let mut config = base_config(&dir);
-    config.push_str(&format!(
-        r#"
-[[relays]]
-id = "r1"
-public_key = "{}"
-max_sessions = 10
-
+    let config = r1_config(&dir, 10)
+        + r#"
 [schedule]
 interval_ms = 400
 jitter_ms = 100
@@ -31,52 +23,21 @@ stale_after_ms = 1000
 path_fresh_secs = 1
 path_expire_secs = 2
 relay_timeout_secs = 30
-"#,
-        key_hex(100)
-    ));
+"#;
     let broker = BrokerProcess::start(&dir, &config);
     let addr = broker.addr;
-    let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
-    v.unwrap();
-    send_json(&mut relay_ws, &RelayMessage::Load(LoadReport::default())).await;
+    let _relay_ws = relay_up(addr).await;
 
     let mut agents = Vec::new();
     for (i, id) in ["alice", "bob"].iter().enumerate() {
         let (mut ws, v) = agent(addr, id, &key(1 + i as u8), Some(AGENT_TOKEN), true).await;
         let w = v.unwrap();
         assert_eq!((w.schedule.interval_ms, w.schedule.jitter_ms), (400, 100));
-        send_json(
-            &mut ws,
-            &AgentMessage::Report(AgentReport {
-                location: None,
-                paths: vec![PathReport {
-                    relay: "r1".into(),
-                    rtt_ms: 5.0,
-                    hops: 1,
-                    loss: 0.0,
-                    bandwidth_kbps: None,
-                    tcp: true,
-                    udp: true,
-                    age_ms: 0,
-                }],
-            }),
-        )
-        .await;
-        recv_where(&mut ws, |m| {
-            matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
-        })
-        .await;
+        report_paths(&mut ws, vec![path_report("r1")]).await;
         agents.push(ws);
     }
     let reported = Instant::now();
-    let (status, _) = http(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, _) = admin_get(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 200);
 
     // Both go silent: the broker asks for a report once it is stale (after ~1 s), not before.
@@ -94,14 +55,7 @@ relay_timeout_secs = 30
 
     // After path_expire_secs the paths are no longer candidates.
     tokio::time::sleep(Duration::from_millis(2_300).saturating_sub(reported.elapsed())).await;
-    let (status, body) = http_json(
-        addr,
-        "GET",
-        "/v1/explain?from=alice&to=bob",
-        Some(ADMIN),
-        None,
-    )
-    .await;
+    let (status, body) = admin_get_json(addr, "/v1/explain?from=alice&to=bob").await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["code"], "no_common_relay");
     assert!(
@@ -112,7 +66,7 @@ relay_timeout_secs = 30
         "{body}"
     );
 
-    let (_, peers) = http_json(addr, "GET", "/v1/admin/peers", Some(ADMIN), None).await;
+    let (_, peers) = admin_get_json(addr, "/v1/admin/peers").await;
     assert!(peers["peers"][0]["report_age_ms"].as_u64().unwrap() >= 2_000);
     let (_, metrics) = http(addr, "GET", "/metrics", None, None).await;
     assert!(

@@ -135,26 +135,20 @@ fn flags_win_over_environment_which_wins_over_the_file() {
         "listen = \"127.0.0.1:1111\"\nlisten_plain = true\nstore = \"memory\"\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steelyard"))
-        .args([
-            "broker",
-            "--print-config",
-            "--listen",
-            "127.0.0.1:3333",
-            "--config",
-        ])
-        .arg(dir.join("b.toml"))
-        .env("STEELYARD_BROKER_LISTEN", "127.0.0.1:2222")
-        .env("STEELYARD_BROKER_STORE", "sqlite")
-        .env("STEELYARD_BROKER_ADMIN_TOKEN", "env-admin-token-0123456789")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let shown = stdout_of(
+        std::process::Command::new(env!("CARGO_BIN_EXE_steelyard"))
+            .args([
+                "broker",
+                "--print-config",
+                "--listen",
+                "127.0.0.1:3333",
+                "--config",
+            ])
+            .arg(dir.join("b.toml"))
+            .env("STEELYARD_BROKER_LISTEN", "127.0.0.1:2222")
+            .env("STEELYARD_BROKER_STORE", "sqlite")
+            .env("STEELYARD_BROKER_ADMIN_TOKEN", "env-admin-token-0123456789"),
     );
-    let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("listen = \"127.0.0.1:3333\""), "{shown}");
     assert!(shown.contains("store = \"sqlite\""), "{shown}");
     assert!(shown.contains("admin_token = \"***\""), "{shown}");

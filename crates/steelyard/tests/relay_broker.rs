@@ -101,7 +101,7 @@ async fn wait_relay(
     let start = Instant::now();
     let mut last = serde_json::Value::Null;
     while start.elapsed() < within {
-        let (status, body) = http_json(broker, "GET", "/v1/admin/relays", Some(ADMIN), None).await;
+        let (status, body) = admin_get_json(broker, "/v1/admin/relays").await;
         assert_eq!(status, 200, "{body}");
         if let Some(r) = body["relays"]
             .as_array()
@@ -158,12 +158,7 @@ async fn broker_session(
         serde_json::json!({"type": "connect", "request_id": 1, "to": to}),
     )
     .await;
-    let answer = recv_where(&mut a, |m| match m {
-        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
-        BrokerMessage::Error(e) => panic!("connect refused: {e}"),
-        _ => None,
-    })
-    .await;
+    let answer = recv_answer(&mut a).await;
     let offer = recv_where(&mut b, |m| match m {
         BrokerMessage::Offer(o) => Some(o.clone()),
         _ => None,
@@ -492,23 +487,17 @@ fn broker_flags_need_a_broker_url() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--broker-url"), "{err}");
 
-    let out = Command::new(env!("CARGO_BIN_EXE_steelyard"))
-        .args(["relay", "--relay-id", "r1", "--broker-key"])
-        .arg("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
-        .args([
-            "--broker-url",
-            "ws://127.0.0.1:9/v1/relay",
-            "--print-config",
-        ])
-        .env("STEELYARD_RELAY_ENROLL_TOKEN", "secret-token")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let shown = stdout_of(
+        Command::new(env!("CARGO_BIN_EXE_steelyard"))
+            .args(["relay", "--relay-id", "r1", "--broker-key"])
+            .arg("d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a")
+            .args([
+                "--broker-url",
+                "ws://127.0.0.1:9/v1/relay",
+                "--print-config",
+            ])
+            .env("STEELYARD_RELAY_ENROLL_TOKEN", "secret-token"),
     );
-    let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("[broker]") && shown.contains("ws://127.0.0.1:9/v1/relay"),
         "{shown}"

@@ -21,13 +21,16 @@ fn signer() -> TicketSigner {
     TicketSigner::from_seed([21; 32])
 }
 
-fn tickets(n: u8) -> (Vec<u8>, Vec<u8>) {
+/// Both sides' TCP tickets for a session whose id is the time now (8 bytes), then `tag`, the
+/// rest `fill`.
+fn ticket_pair(fill: u8, tag: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let mut sid = [n; 16];
+    let mut sid = [fill; 16];
     sid[..8].copy_from_slice(&now.to_be_bytes());
+    sid[8..8 + tag.len()].copy_from_slice(tag);
     let t = |side| Ticket {
         key_id: signer().key_id(),
         session_id: SessionId(sid),
@@ -43,6 +46,11 @@ fn tickets(n: u8) -> (Vec<u8>, Vec<u8>) {
         signer().sign(&t(Side::A)).unwrap(),
         signer().sign(&t(Side::B)).unwrap(),
     )
+}
+
+/// Both sides' tickets for session number `n`.
+fn tickets(n: u8) -> (Vec<u8>, Vec<u8>) {
+    ticket_pair(n, &[])
 }
 
 struct Proc {
@@ -343,28 +351,7 @@ async fn hostile_input_does_not_stop_a_real_session_and_memory_stays_bounded() {
 
 /// Both sides' tickets for session number `n` (any u32, unlike [`tickets`]).
 fn tickets_n(n: u32) -> (Vec<u8>, Vec<u8>) {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let mut sid = [0xa5; 16];
-    sid[..8].copy_from_slice(&now.to_be_bytes());
-    sid[8..12].copy_from_slice(&n.to_be_bytes());
-    let t = |side| Ticket {
-        key_id: signer().key_id(),
-        session_id: SessionId(sid),
-        relay_id: RELAY_ID.into(),
-        side,
-        peer_id: "peer".into(),
-        issued_at: now - 5,
-        expires_at: now + 300,
-        limits: TicketLimits::default(),
-        transport: Transport::Tcp,
-    };
-    (
-        signer().sign(&t(Side::A)).unwrap(),
-        signer().sign(&t(Side::B)).unwrap(),
-    )
+    ticket_pair(0xa5, &n.to_be_bytes())
 }
 
 /// Opens sessions `from..to` through the relay, both sides dialling at once, 200 at a time.

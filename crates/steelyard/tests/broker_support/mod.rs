@@ -1,5 +1,9 @@
-//! Shared pieces of the broker process tests: start the real `steelyard broker` binary, talk
-//! to it with real WebSocket clients (tokio-tungstenite) and a minimal HTTP/1.1 client.
+//! Shared pieces of the process tests: start the real `steelyard broker` binary, talk to it
+//! with real WebSocket clients (tokio-tungstenite) and a minimal HTTP/1.1 client (agent and
+//! relay handshakes, reports, connect answers, admin GETs, `/metrics` samples); start
+//! `steelyard agent`s and a broker with a `steelyard relay` r1 ([`BrokerWithRelay`]); common
+//! config writers. It holds no assertions of its own beyond each helper's stated expectation
+//! (an accepted report, a successful command, an agent's address line); tests check the rest.
 
 #![allow(dead_code)]
 
@@ -12,8 +16,8 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use futures_util::{SinkExt, StreamExt};
 use steelyard_proto::api::{
-    self, AgentHello, AgentMessage, ApiError, AuthProof, BrokerMessage, RelayHello, RelayMessage,
-    Role, API_VERSION,
+    self, AgentHello, AgentMessage, AgentReport, ApiError, AuthProof, BrokerMessage, LoadReport,
+    PathReport, RelayHello, RelayMessage, Role, API_VERSION,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -63,6 +67,15 @@ role = "relay"
 "#,
         dir.display()
     )
+}
+
+/// [`base_config`] with relay r1 configured (key 100, no addresses) taking `max_sessions`.
+pub fn r1_config(dir: &Path, max_sessions: u32) -> String {
+    base_config(dir)
+        + &format!(
+            "\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\nmax_sessions = {max_sessions}\n",
+            key_hex(100)
+        )
 }
 
 /// A running `steelyard broker` process.
@@ -189,6 +202,16 @@ pub async fn http_json(
     (status, value)
 }
 
+/// `GET path` with the admin token: the status and the body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(addr, "GET", path, Some(ADMIN), None).await
+}
+
+/// [`admin_get`] with the body parsed as JSON.
+pub async fn admin_get_json(addr: SocketAddr, path: &str) -> (u16, serde_json::Value) {
+    http_json(addr, "GET", path, Some(ADMIN), None).await
+}
+
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -266,6 +289,16 @@ pub async fn recv_where<T>(ws: &mut Ws, mut pick: impl FnMut(&BrokerMessage) -> 
     }
 }
 
+/// The next connect answer (other messages skipped); an error message instead panics.
+pub async fn recv_answer(ws: &mut Ws) -> api::ConnectAnswer {
+    recv_where(ws, |m| match m {
+        BrokerMessage::ConnectAnswer(a) => Some(a.clone()),
+        BrokerMessage::Error(e) => panic!("expected a connect answer, got {e}"),
+        _ => None,
+    })
+    .await
+}
+
 /// Hello → challenge → auth as an agent. Returns the socket and the broker's verdict
 /// (welcome or error).
 pub async fn agent(
@@ -340,6 +373,65 @@ pub fn relay_hello(id: &str, n: u8) -> RelayHello {
     }
 }
 
+/// Relay r1 (key 100, pre-registered in the broker's config) authenticated and its load
+/// (`LoadReport::default()`) sent.
+pub async fn relay_up(addr: SocketAddr) -> Ws {
+    let (mut r1, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
+    v.unwrap();
+    send_json(&mut r1, &RelayMessage::Load(LoadReport::default())).await;
+    r1
+}
+
+/// A path to `relay` as an agent reports it: 5 ms, one hop, no loss, TCP and UDP, just
+/// measured. Change a field with `PathReport { rtt_ms: 1.0, ..path_report("r1") }`.
+pub fn path_report(relay: &str) -> PathReport {
+    PathReport {
+        relay: relay.into(),
+        rtt_ms: 5.0,
+        hops: 1,
+        loss: 0.0,
+        bandwidth_kbps: None,
+        tcp: true,
+        udp: true,
+        age_ms: 0,
+    }
+}
+
+/// An agent's report of `paths` (no location).
+pub fn agent_report(paths: Vec<PathReport>) -> AgentMessage {
+    AgentMessage::Report(AgentReport {
+        location: None,
+        paths,
+    })
+}
+
+/// Sends a report of `paths` and waits for the broker to accept it (other messages skipped).
+pub async fn report_paths(ws: &mut Ws, paths: Vec<PathReport>) {
+    send_json(ws, &agent_report(paths)).await;
+    recv_where(ws, |m| {
+        matches!(m, BrokerMessage::ReportAccepted(_)).then_some(())
+    })
+    .await;
+}
+
+/// Agent `id` (key `n`, the agent enroll token) authenticated, with one accepted report of
+/// [`path_report`]`("r1")`.
+pub async fn reported_agent(addr: SocketAddr, id: &str, n: u8, auto_accept: bool) -> Ws {
+    let (mut ws, v) = agent(addr, id, &key(n), Some(AGENT_TOKEN), auto_accept).await;
+    v.unwrap();
+    report_paths(&mut ws, vec![path_report("r1")]).await;
+    ws
+}
+
+/// The value of the sample `name` (exact, labels included) in `addr`'s `/metrics`.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (status, body) = http(addr, "GET", "/metrics", None, None).await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in /metrics:\n{body}"))
+}
+
 /// Expects an error with `code` as the next message.
 pub async fn expect_error(ws: &mut Ws, code: api::ErrorCode) -> ApiError {
     match recv(ws).await {
@@ -387,6 +479,127 @@ pub fn start_logging(args: &[&str], log: &str) -> (Proc, String) {
 /// [`start_logging`] at `warn`.
 pub fn start(args: &[&str]) -> (Proc, String) {
     start_logging(args, "warn")
+}
+
+/// Writes `dir/<peer>.toml` for `steelyard agent` `peer`: the plain broker at `broker`, the
+/// agent enroll token, its key in `dir/<peer>.key`, its control socket on 127.0.0.1:`control`,
+/// then `extra` (services, offers, forwards...). Returns the file's path.
+pub fn agent_config(
+    dir: &Path,
+    broker: SocketAddr,
+    peer: &str,
+    control: u16,
+    extra: &str,
+) -> String {
+    let path = dir.join(format!("{peer}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "broker = \"ws://{broker}\"\nenroll_token = \"{AGENT_TOKEN}\"\npeer_id = \"{peer}\"\n\
+             key_file = \"{}\"\ncontrol = \"127.0.0.1:{control}\"\n{extra}",
+            dir.join(format!("{peer}.key")).display()
+        ),
+    )
+    .unwrap();
+    path.display().to_string()
+}
+
+/// Starts `steelyard agent` `peer` on an [`agent_config`] with a free control port, logging at
+/// `log`; checks its address line and returns it with its control address.
+pub fn start_agent_logging(
+    dir: &Path,
+    broker: SocketAddr,
+    peer: &str,
+    extra: &str,
+    log: &str,
+) -> (Proc, SocketAddr) {
+    let control = free_port();
+    let config = agent_config(dir, broker, peer, control, extra);
+    let (proc, line) = start_logging(&["agent", "--config", &config], log);
+    assert!(
+        line.starts_with(&format!("agent {peer} control=")),
+        "{line}"
+    );
+    (proc, format!("127.0.0.1:{control}").parse().unwrap())
+}
+
+/// [`start_agent_logging`] at `warn`.
+pub fn start_agent(dir: &Path, broker: SocketAddr, peer: &str, extra: &str) -> (Proc, SocketAddr) {
+    start_agent_logging(dir, broker, peer, extra, "warn")
+}
+
+/// A broker (schedule every 2 s) with relay r1 pre-registered (key 100, `max_sessions = 1000`),
+/// a `steelyard relay` r1 on free ports that trusts the ticket key the broker publishes, and a
+/// task that feeds the broker r1's load (`LoadReport::default()` every 500 ms) over the relay
+/// WebSocket under r1's pre-registered identity (the relay process has no broker link).
+pub struct BrokerWithRelay {
+    pub broker: BrokerProcess,
+    pub relay: Proc,
+    pub feeder: tokio::task::JoinHandle<()>,
+}
+
+impl BrokerWithRelay {
+    pub async fn start(dir: &Path) -> Self {
+        let (relay_tcp, relay_udp, relay_probe) = (free_port(), free_udp_port(), free_udp_port());
+        let mut config = base_config(dir);
+        config.push_str(&format!(
+            "\n[schedule]\ninterval_ms = 2000\njitter_ms = 200\n\n[[relays]]\nid = \"r1\"\npublic_key = \"{}\"\n\
+             tcp_addr = \"127.0.0.1:{relay_tcp}\"\nudp_addr = \"127.0.0.1:{relay_probe}\"\nmax_sessions = 1000\n",
+            key_hex(100)
+        ));
+        let broker = BrokerProcess::start(dir, &config);
+        let addr = broker.addr;
+
+        // The relay trusts the key the broker publishes.
+        let (status, keys) = http_json(addr, "GET", "/v1/keys", None, None).await;
+        assert_eq!(status, 200, "{keys}");
+        let broker_key = keys["keys"][0]["public_key"].as_str().unwrap().to_owned();
+        let (relay_proc, line) = start(&[
+            "relay",
+            "--relay-id",
+            "r1",
+            "--broker-key",
+            &broker_key,
+            "--tcp",
+            &format!("127.0.0.1:{relay_tcp}"),
+            "--udp",
+            &format!("127.0.0.1:{relay_udp}"),
+            "--probe",
+            &format!("127.0.0.1:{relay_probe}"),
+        ]);
+        assert!(line.starts_with("relay listening"), "{line}");
+
+        let (mut relay_ws, v) = relay(addr, relay_hello("r1", 100), &key(100)).await;
+        v.expect("relay r1 authenticates");
+        let feeder = tokio::spawn(async move {
+            loop {
+                send_json(&mut relay_ws, &RelayMessage::Load(LoadReport::default())).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
+        Self {
+            broker,
+            relay: relay_proc,
+            feeder,
+        }
+    }
+
+    /// Stops the load feed, then the broker (SIGTERM, clean exit checked).
+    pub fn stop(self) {
+        self.feeder.abort();
+        self.broker.stop();
+    }
+}
+
+/// Runs `cmd` to its end expecting success; its stdout (a failure panics with its stderr).
+pub fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A TCP port free on 127.0.0.1 just now.
