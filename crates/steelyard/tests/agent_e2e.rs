@@ -3,9 +3,10 @@
 //! `steelyard connect` on alice's side. A real HTTP request through alice's listener gets the
 //! answer of the HTTP server behind bob; then 100 concurrent tunnels each move 256 KiB through
 //! an echo service behind bob and get it back intact (checksummed), under the broker's default
-//! limits; the broker's session history shows every session ended with an end-to-end RTT. A UDP service behind bob
-//! (`udp:` in bob's `[services]`, `steelyard connect --udp` on alice's side) echoes datagrams
-//! from two client sockets, each its own flow, up to a 60,000-byte datagram, every one intact.
+//! limits; the broker's session history shows every session ended with an end-to-end RTT. A
+//! UDP service behind bob (`udp:` in bob's `[services]`, `steelyard connect --udp` on alice's
+//! side) echoes datagrams from two client sockets, each its own flow, up to a 60,000-byte
+//! datagram, every one intact.
 //!
 //! Relay load: the relay process is started without a broker link; the test feeds the broker
 //! the relay's load over the relay WebSocket under the relay's pre-registered identity, as
@@ -263,8 +264,10 @@ async fn http_and_concurrent_tunnels_through_broker_relay_and_agents() {
     let e = open_via_agent(ctl_a, "nobody", "http").await.unwrap_err();
     assert!(e.to_string().contains("unknown_peer"), "{e}");
 
-    // The sessions end at the broker with the bytes and alice's end-to-end RTT.
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // The sessions end at the broker with the bytes and alice's end-to-end RTT. A generous
+    // deadline: the reports are paced under the broker's message rate, and once (busy machine,
+    // about 1 run in 30) 10 s was not enough; what is checked is that none is lost.
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (_, s) = admin_get_json(addr, "/v1/admin/sessions?limit=1000").await;
         let ended = s["history"]
