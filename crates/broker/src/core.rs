@@ -286,6 +286,19 @@ pub fn rate_limited(text: &str, limits: &LimitsConfig) -> ApiError {
     }
 }
 
+/// What the selector weighs of a relay's load report: sessions and pending ones together, both
+/// directions' bandwidth, CPU, and whether it takes no new sessions.
+fn select_load(load: &LoadReport, draining: bool) -> RelayLoad {
+    RelayLoad {
+        sessions: load.sessions.saturating_add(load.pending),
+        bandwidth_kbps: load
+            .bandwidth_in_kbps
+            .saturating_add(load.bandwidth_out_kbps),
+        cpu: load.cpu,
+        draining,
+    }
+}
+
 /// Maps a selection failure to the API error an initiator gets.
 pub fn no_choice_error(e: &NoChoice) -> ApiError {
     let code = match e {
@@ -1209,16 +1222,10 @@ impl Core {
         let Some((load, at)) = r.last_load.clone() else {
             return;
         };
-        let select_load = RelayLoad {
-            sessions: load.sessions.saturating_add(load.pending),
-            bandwidth_kbps: load
-                .bandwidth_in_kbps
-                .saturating_add(load.bandwidth_out_kbps),
-            cpu: load.cpu,
-            draining: true,
-        };
         // Cannot fail: the relay is registered and this load was accepted before.
-        let _ = self.selector.relay_report(relay, select_load, at);
+        let _ = self
+            .selector
+            .relay_report(relay, select_load(&load, true), at);
     }
 
     /// Records a relay's load report.
@@ -1244,16 +1251,9 @@ impl Core {
                     .map_err(|e| err(ErrorCode::BadMessage, e.to_string()))?;
             }
         }
-        let select_load = RelayLoad {
-            sessions: load.sessions.saturating_add(load.pending),
-            bandwidth_kbps: load
-                .bandwidth_in_kbps
-                .saturating_add(load.bandwidth_out_kbps),
-            cpu: load.cpu,
-            draining: load.draining || r.record.draining,
-        };
+        let weighed = select_load(&load, load.draining || r.record.draining);
         self.selector
-            .relay_report(relay, select_load, now)
+            .relay_report(relay, weighed, now)
             .map_err(|e| err(ErrorCode::InvalidReport, e.to_string()))?;
         if let Some(r) = self.relays.get_mut(relay) {
             r.last_load = Some((load, now));
